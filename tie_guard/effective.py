@@ -1,0 +1,253 @@
+"""The weight a module *effectively* uses under its adapter parts, computed without modifying anything.
+
+This is the one place that knows PEFT's merge arithmetic (checked against peft 0.21 ``lora.Linear.merge``,
+``lora.Embedding.merge``, ``TrainableTokensLayer.merge`` and ``ModulesToSaveWrapper``):
+
+* vanilla LoRA on ``nn.Linear``: ``W + scaling · B @ A`` (``B``: out × r, ``A``: r × in);
+* vanilla LoRA on ``nn.Embedding``: ``W + scaling · (B @ A)ᵀ`` (``A``: r × num_embeddings, ``B``: dim × r);
+* other LoRA variants (DoRA, ...) and other PEFT tuners: PEFT's own ``merge_safe`` / ``merge`` on a copy;
+* ``modules_to_save``: the trained copy's weight;
+* trainable tokens: ``W`` with the trained rows ``index_copy``-ed in.
+
+Everything returned is a new tensor or an existing tensor that is only read; base weights, adapter weights and
+modules are never written.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedAdapterError
+from .peft_layout import AdapterPart
+
+#: Rows per chunk when a full vocab × hidden result is built or reduced piecewise (memory: chunk × hidden).
+CHUNK_ROWS = 4096
+
+DeltaKind = Literal["zero", "lowrank", "rows", "dense"]
+
+
+@dataclass
+class EffectiveWeight:
+    """How a base weight ``W`` (shape rows × cols) looks through its adapter parts.
+
+    Attributes:
+        base: the base weight ``W`` (read only).
+        kind: ``"zero"`` (no change), ``"lowrank"`` (``W + Σ U_i @ V_i``), ``"rows"`` (some rows replaced),
+            ``"dense"`` (anything else: a full tensor or a function building one).
+        lowrank: for ``"lowrank"``: ``[(U, V)]`` with ``U``: rows × r and ``V``: r × cols, scaling folded into ``U``.
+        row_index / row_values: for ``"rows"``: replaced row indices (k,) and their new values (k × cols).
+        full: for ``"dense"``: a function returning the full effective weight (may allocate rows × cols).
+        source: the existing tensor that *is* the effective weight when one exists (e.g. a ``modules_to_save``
+            copy); merging then shares it instead of copying.
+    """
+
+    base: torch.Tensor
+    kind: DeltaKind
+    lowrank: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    row_index: torch.Tensor | None = None
+    row_values: torch.Tensor | None = None
+    full: Callable[[], torch.Tensor] | None = None
+    source: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int, _cache: dict | None = None) -> torch.Tensor:
+        """Effective rows ``[start, stop)`` as a new tensor in ``base.dtype`` ((stop-start) × cols)."""
+        base = self.base.detach()
+        if self.kind == "zero":
+            return base[start:stop].clone()
+        if self.kind == "lowrank":
+            out = base[start:stop]
+            for u, v in self.lowrank:
+                # PEFT adds a delta computed in the adapter's dtype to the base weight (in-place promotion), so
+                # the sum is formed in the promoted dtype and rounded once to the base dtype.
+                out = out + (u[start:stop] @ v)
+            return out.to(base.dtype)
+        if self.kind == "rows":
+            out = base[start:stop].clone()
+            sel = (self.row_index >= start) & (self.row_index < stop)
+            if sel.any():
+                out[self.row_index[sel] - start] = self.row_values[sel].to(out.dtype)
+            return out
+        if _cache is not None:
+            if "full" not in _cache:
+                _cache["full"] = self.full()
+            return _cache["full"][start:stop]
+        return self.full()[start:stop]
+
+    def materialize(self) -> torch.Tensor:
+        """The full effective weight as a new tensor (never a view of the base), built in row chunks so that
+        peak extra memory is one weight plus ``CHUNK_ROWS`` rows."""
+        if self.source is not None:
+            return self.source.detach()
+        if self.kind == "dense":
+            return self.full()
+        out = torch.empty_like(self.base, memory_format=torch.contiguous_format)
+        n = self.base.shape[0]
+        with torch.no_grad():
+            for start in range(0, n, CHUNK_ROWS):
+                stop = min(n, start + CHUNK_ROWS)
+                out[start:stop] = self.rows(start, stop)
+        return out
+
+
+def _lora_adapters(layer: nn.Module, names: tuple[str, ...]) -> list[str]:
+    keys = set(getattr(layer, "lora_A", {}).keys()) | set(getattr(layer, "lora_embedding_A", {}).keys())
+    return [n for n in names if n in keys]
+
+
+def effective_weight(base_weight: torch.Tensor, parts: list[AdapterPart], attr: str = "weight") -> EffectiveWeight:
+    """Describe the effective ``attr`` of a module wrapped by ``parts`` (outermost first).
+
+    Args:
+        base_weight: the base module's parameter (rows × cols).
+        parts: adapter parts from :func:`tie_guard.peft_layout.unwrap`; ``[]`` means untouched.
+        attr: which parameter of the module (``"weight"`` or ``"bias"``).
+    Raises:
+        UnsupportedAdapterError: nested wrappers, or a PEFT layer that has no exact merge.
+    """
+    with torch.no_grad():
+        return _effective(base_weight, parts, attr)
+
+
+def _effective(w: torch.Tensor, parts: list[AdapterPart], attr: str) -> EffectiveWeight:
+    if not parts:
+        return EffectiveWeight(base=w, kind="zero")
+    if len(parts) > 1:
+        raise UnsupportedAdapterError(
+            f"Module {parts[0].module_path!r} is wrapped by several PEFT constructs "
+            f"({', '.join(p.describe() for p in parts)}); tie_guard merges one construct per module. "
+            "Fix: target the module with one of LoRA, modules_to_save or trainable_token_indices."
+        )
+    part = parts[0]
+    layer = part.wrapper
+    if part.kind == "modules_to_save":
+        if not part.adapter_names:
+            return EffectiveWeight(base=w, kind="zero")
+        copy_mod = layer.modules_to_save[part.adapter_names[0]]
+        src = getattr(copy_mod, attr)
+        return EffectiveWeight(base=w, kind="dense", full=lambda: src.detach(), source=src)
+    if part.kind == "trainable_tokens":
+        if attr != "weight":
+            return EffectiveWeight(base=w, kind="zero")
+        tok = layer.token_adapter
+        idx, vals = [], []
+        for name in part.adapter_names:
+            if name in tok.token_indices:
+                idx.extend(tok.token_indices[name])
+                vals.append(tok.trainable_tokens_delta[name].detach())
+        if not idx:
+            return EffectiveWeight(base=w, kind="zero")
+        index = torch.tensor(idx, device=w.device, dtype=torch.long)
+        return EffectiveWeight(base=w, kind="rows", row_index=index, row_values=torch.cat(vals).to(w.device))
+    if part.kind == "lora":
+        names = _lora_adapters(layer, part.adapter_names)
+        if attr == "bias":
+            return _lora_bias(w, layer, names)
+        if not names:
+            return EffectiveWeight(base=w, kind="zero")
+        if getattr(layer, "fan_in_fan_out", False):
+            return _dense_via_peft(w, part)
+        terms = []
+        for name in names:
+            scale = layer.scaling[name]
+            if name in getattr(layer, "lora_A", {}):
+                a = layer.lora_A[name].weight.detach()  # r × in
+                b = layer.lora_B[name].weight.detach()  # out × r
+                if a.dim() != 2 or b.dim() != 2:  # conv LoRA
+                    return _dense_via_peft(w, part)
+                terms.append((b * scale, a))
+            else:
+                a = layer.lora_embedding_A[name].detach()  # r × num_embeddings
+                b = layer.lora_embedding_B[name].detach()  # dim × r
+                terms.append((a.T * scale, b.T))
+        return EffectiveWeight(base=w, kind="lowrank", lowrank=terms)
+    # DoRA, other LoRA variants, other tuners: PEFT's own merge on a copy (exact, costs a full copy).
+    if attr == "bias":
+        return EffectiveWeight(base=w, kind="dense", full=lambda: _peft_merged_module(part).bias.detach())
+    return _dense_via_peft(w, part)
+
+
+def _lora_bias(b: torch.Tensor, layer: nn.Module, names: list[str]) -> EffectiveWeight:
+    extra = [n for n in names if getattr(layer, "lora_bias", {}).get(n, False)]
+    if not extra:
+        return EffectiveWeight(base=b, kind="zero")
+
+    def full():
+        out = b.detach().clone()
+        for n in extra:
+            out = out + layer.lora_B[n].bias.detach() * layer.scaling[n]
+        return out.to(b.dtype)
+
+    return EffectiveWeight(base=b, kind="dense", full=full)
+
+
+def _dense_via_peft(w: torch.Tensor, part: AdapterPart) -> EffectiveWeight:
+    return EffectiveWeight(base=w, kind="dense", full=lambda: _peft_merged_module(part).weight.detach())
+
+
+def _peft_merged_module(part: AdapterPart) -> nn.Module:
+    """Merge ``part`` with PEFT's own code on a deep copy of the wrapper and return the copy's base layer."""
+    layer = part.wrapper
+    if not hasattr(layer, "merge") or not hasattr(layer, "get_base_layer"):
+        raise UnsupportedAdapterError(
+            f"PEFT layer {type(layer).__name__} on {part.module_path!r} has no merge, so the merged weights cannot "
+            "be computed exactly. Fix: keep the adapter unmerged, or train this module with LoRA instead."
+        )
+    clone = copy.deepcopy(layer)
+    clone.merge(safe_merge=True, adapter_names=list(part.adapter_names))
+    return clone.get_base_layer()
+
+
+def lowrank_sq_norm(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """‖Σ_i U_i V_i‖_F² without forming any rows × cols matrix.
+
+    Uses ⟨U_i V_i, U_j V_j⟩_F = Σ (U_iᵀ U_j) ⊙ (V_i V_jᵀ); cost O((rows + cols) · r²) per pair, in float32.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=terms[0][0].device if terms else "cpu")
+    f = [(u.float(), v.float()) for u, v in terms]
+    for ui, vi in f:
+        for uj, vj in f:
+            total = total + ((ui.T @ uj) * (vi @ vj.T)).sum()
+    return total
+
+
+def divergence_sq(out: EffectiveWeight, inp: EffectiveWeight, shared_base: bool) -> torch.Tensor:
+    """‖W_out,eff − W_in,eff‖_F² in float32.
+
+    With a shared base and low-rank or zero deltas on both sides this never builds a rows × cols matrix; rows-only
+    deltas read only the replaced rows; anything else is reduced in ``CHUNK_ROWS``-row chunks.
+    """
+    if shared_base and out.kind in ("zero", "lowrank") and inp.kind in ("zero", "lowrank"):
+        terms = list(out.lowrank or []) + [(-u, v) for u, v in (inp.lowrank or [])]
+        if not terms:
+            return torch.zeros((), dtype=torch.float32)
+        return lowrank_sq_norm(terms)
+    if shared_base and out.kind in ("zero", "rows") and inp.kind in ("zero", "rows"):
+        idx = [t.row_index for t in (out, inp) if t.kind == "rows"]
+        if not idx:
+            return torch.zeros((), dtype=torch.float32)
+        rows = torch.unique(torch.cat(idx))
+        a = _gather_rows(out, rows).float()
+        b = _gather_rows(inp, rows).float()
+        return ((a - b) ** 2).sum()
+    n = out.base.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=out.base.device)
+    cache_o, cache_i = {}, {}
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        d = out.rows(start, stop, cache_o).float() - inp.rows(start, stop, cache_i).float()
+        total = total + (d * d).sum()
+    return total
+
+
+def _gather_rows(eff: EffectiveWeight, rows: torch.Tensor) -> torch.Tensor:
+    out = eff.base.detach()[rows].clone()
+    if eff.kind == "rows":
+        pos = {int(r): i for i, r in enumerate(rows.tolist())}
+        for k, r in enumerate(eff.row_index.tolist()):
+            out[pos[r]] = eff.row_values[k].to(out.dtype)
+    return out

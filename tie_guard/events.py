@@ -1,0 +1,92 @@
+"""One event stream, three sinks: Python logging, a JSONL file, Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("tie_guard")
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+@dataclass
+class Event:
+    """One thing tie_guard observed or did.
+
+    Attributes:
+        event: kind, e.g. ``"capture"``, ``"setup_warning"``, ``"check"``, ``"break"``, ``"merge"``.
+        step: the Trainer's ``global_step`` (optimizer steps) when it happened.
+        level: ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
+        message: one line for people, naming the problem and the fix where there is one.
+        metrics: numbers, logged to W&B under ``tie_guard/<key>``.
+        data: anything else JSON-serialisable (rows, reports).
+    """
+
+    event: str
+    step: int
+    level: str = "info"
+    message: str = ""
+    metrics: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        return {
+            "time": self.time,
+            "step": self.step,
+            "event": self.event,
+            "level": self.level,
+            "message": self.message,
+            "metrics": self.metrics,
+            "data": self.data,
+        }
+
+
+class EventLog:
+    """Fan events out to logging, an optional JSONL file and an optional W&B sink.
+
+    Args:
+        jsonl_path: file to append one JSON object per line to (created with parents); ``None`` disables it.
+        wandb_sink: a :class:`tie_guard.wandb_sink.WandbSink` or ``None``.
+    """
+
+    def __init__(self, jsonl_path: str | os.PathLike | None = None, wandb_sink=None):
+        self.jsonl_path = Path(jsonl_path) if jsonl_path else None
+        self.wandb = wandb_sink
+        self.events: list[Event] = []
+        if self.jsonl_path is not None:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, event: str, step: int, level: str = "info", message: str = "", metrics: dict | None = None,
+             data: dict | None = None, table: tuple[str, list[dict]] | None = None) -> Event:
+        """Record one event everywhere. ``table=(name, rows)`` also logs a W&B table ``tie_guard/<name>``."""
+        ev = Event(event, int(step), level, message, dict(metrics or {}), dict(data or {}))
+        self.events.append(ev)
+        if message:
+            logger.log(_LEVELS.get(level, logging.INFO), "[tie_guard step %d] %s", ev.step, message)
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(ev.to_json(), default=str) + "\n")
+                f.flush()
+        if self.wandb is not None:
+            self.wandb.log_event(ev, table=table)
+        return ev
+
+    def summary(self, values: dict) -> None:
+        """Final values for the W&B run summary (``tie_guard/<key>``) and a ``summary`` JSONL record."""
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"time": time.time(), "event": "summary", "data": values}, default=str) + "\n")
+        if self.wandb is not None:
+            self.wandb.summary(values)
+
+
+def read_events(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL event file written by :class:`EventLog` (one dict per line)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,522 @@
+"""Verified merge of a PEFT adapter into a model with tied weights."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .atomic import atomic_directory, write_json_atomic
+from .effective import effective_weight
+from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
+from .groups import TieGroup, find_tied_groups
+from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
+from .probe import logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
+from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags
+
+TiePolicy = Literal["untie", "keep_tied", "error"]
+TIE_POLICIES = ("untie", "keep_tied", "error")
+REPORT_NAME = "tie_guard_merge_report.json"
+
+
+@dataclass
+class EmbeddingCheck:
+    """What the merge did to one input embedding (vocab × hidden).
+
+    Attributes:
+        name: canonical parameter name.
+        bit_identical: merged weight equals the pre-merge weight bit for bit.
+        adapter_trains_it: the adapter itself changes this input embedding (LoRA on it, trainable tokens,
+            a ``modules_to_save`` copy), so a change is expected.
+        rows_changed: number of vocabulary rows that differ from the pre-merge weight.
+        max_abs_change: largest |Δ| of any element (0.0 when bit-identical).
+    """
+
+    name: str
+    bit_identical: bool
+    adapter_trains_it: bool
+    rows_changed: int
+    max_abs_change: float
+
+
+@dataclass
+class MergeReport:
+    """Everything measured by :func:`safe_merge_and_unload`.
+
+    Attributes:
+        tie_policy: ``"untie"``, ``"keep_tied"`` or ``"error"``.
+        adapter_names: adapters merged.
+        dtype: dtype of the merged model, e.g. ``"torch.float32"``.
+        groups_before: tie groups of the adapter model (rows as in ``TieGroup.as_rows``).
+        actions: what was done to ties and configs, in words.
+        plain_merge_changes_input_embeddings: a plain PEFT ``merge_and_unload()`` would write an adapter delta into
+            a tied input embedding on this model.
+        probe_shape: shape of the probe batch (batch, seq).
+        max_abs_logit_diff: max |logit_merged − logit_adapter| on the probe batch.
+        logit_tolerance: the bound used for this dtype (see :mod:`tie_guard.probe`).
+        input_embeddings: one :class:`EmbeddingCheck` per input embedding.
+        tie_flags_after: ``tie_word_embeddings`` at each config level of the merged model.
+        output_dir: where the merged model was saved (``None`` when not saved).
+        reload_max_abs_logit_diff: max |logit_reloaded − logit_merged| after save → reload.
+        reload_input_embeddings_bit_identical: every input embedding after reload equals the merged model's
+            bit for bit (which the in-memory check compared with the pre-merge value).
+        verified: every check passed (``False`` only inside a :class:`MergeVerificationError`).
+        failures: the checks that failed, in words.
+        seconds: wall time of each phase (merge, verify, save, reload).
+    """
+
+    tie_policy: str
+    adapter_names: list[str]
+    dtype: str
+    groups_before: list[dict] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    plain_merge_changes_input_embeddings: bool = False
+    probe_shape: list[int] = field(default_factory=list)
+    max_abs_logit_diff: float = float("nan")
+    logit_tolerance: float = float("nan")
+    input_embeddings: list[EmbeddingCheck] = field(default_factory=list)
+    tie_flags_after: dict = field(default_factory=dict)
+    output_dir: str | None = None
+    reload_max_abs_logit_diff: float | None = None
+    reload_input_embeddings_bit_identical: bool | None = None
+    verified: bool = False
+    failures: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def input_embeddings_bit_identical(self) -> bool:
+        """Every input embedding the adapter does not train is bit-identical to its pre-merge value."""
+        return all(e.bit_identical for e in self.input_embeddings if not e.adapter_trains_it)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_embeddings_bit_identical"] = self.input_embeddings_bit_identical
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the merged model without touching the adapter model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _shallow_module_copy(m: nn.Module) -> nn.Module:
+    new = copy.copy(m)
+    new._parameters = dict(m._parameters)
+    new._buffers = dict(m._buffers)
+    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    new._modules = dict(m._modules)
+    return new
+
+
+def _share_clone(m: nn.Module, replace: dict[int, nn.Module], memo: dict[int, nn.Module]) -> nn.Module:
+    """Copy the module tree (not the tensors) of ``m``, substituting ``replace[id(module)]`` for PEFT wrappers."""
+    if id(m) in memo:
+        return memo[id(m)]
+    if id(m) in replace:
+        memo[id(m)] = replace[id(m)]
+        return memo[id(m)]
+    new = _shallow_module_copy(m)
+    memo[id(m)] = new
+    for name, child in m._modules.items():
+        new._modules[name] = None if child is None else _share_clone(child, replace, memo)
+    return new
+
+
+def _detach_configs(model: nn.Module) -> None:
+    """Give the cloned tree its own configs (nested identity kept) and its own tie records."""
+    memo: dict = {}
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if isinstance(cfg, PretrainedConfig):
+            module.config = copy.deepcopy(cfg, memo)
+        if isinstance(module, PreTrainedModel):
+            if isinstance(getattr(module, "all_tied_weights_keys", None), dict):
+                module.all_tied_weights_keys = dict(module.all_tied_weights_keys)
+            if getattr(module, "generation_config", None) is not None:
+                module.generation_config = copy.deepcopy(module.generation_config)
+
+
+def _replacement(bps: list[BaseParameter]) -> nn.Module:
+    """A plain module computing what the wrapped module computes: a shallow copy of the base module whose
+    parameters are the effective (merged) weights; untouched parameters are shared, not copied."""
+    base_module = bps[0].module
+    parts = bps[0].parts
+    new = _shallow_module_copy(base_module)
+    for attr, p in base_module._parameters.items():
+        if p is None:
+            continue
+        eff = effective_weight(p, parts, attr)
+        if eff.kind == "zero":
+            continue
+        value = eff.materialize()
+        if not torch.isfinite(value).all():
+            raise MergeVerificationError(
+                f"The merged {bps[0].module_path}.{attr} contains NaN/Inf: the adapter "
+                f"({', '.join(pt.describe() for pt in parts)}) is broken. Fix: retrain or restore the adapter from "
+                "an earlier checkpoint; nothing was merged."
+            )
+        new._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    return new
+
+
+def _build_merged(peft_model: PeftModel, base_params: list[BaseParameter]) -> nn.Module:
+    by_wrapper: dict[int, list[BaseParameter]] = {}
+    outer: dict[int, nn.Module] = {}
+    for bp in base_params:
+        if bp.parts:
+            key = id(bp.parts[0].wrapper)
+            by_wrapper.setdefault(key, []).append(bp)
+            outer[key] = bp.parts[0].wrapper
+    replace = {key: _replacement(bps) for key, bps in by_wrapper.items()}
+    merged = _share_clone(peft_model.get_base_model(), replace, {})
+    _detach_configs(merged)
+    # Parameters of the adapter model's base are frozen; a merged model starts frozen too.
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tie resolution
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _set_param(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    mod_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_path) if mod_path else model
+    module._parameters[attr] = param
+
+
+def _equal_classes(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Partition ``names`` by parameter value: same object, or bit-equal tensors."""
+    classes: list[tuple[torch.Tensor, list[str]]] = []
+    for n in names:
+        p = model.get_parameter(n)
+        for rep, members in classes:
+            if p is rep or (p.shape == rep.shape and p.dtype == rep.dtype and torch.equal(p, rep)):
+                members.append(n)
+                break
+        else:
+            classes.append((p, [n]))
+    return [members for _, members in classes]
+
+
+def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report: MergeReport) -> None:
+    untied_targets: set[str] = set()
+    for g in groups:
+        names = list(g.names)
+        classes = _equal_classes(merged, names)
+        first_input = g.input_members[0].name if g.input_members else names[0]
+        if g.status == "declared_not_tied":
+            if len(classes) > 1:
+                untied_targets |= {n for n in names if n != first_input}
+                report.actions.append(
+                    f"{g.label}: config declares {', '.join(names)} tied but they hold different values; "
+                    "recorded them as untied so a reload keeps each"
+                )
+                continue
+        if len(classes) == 1:
+            # Equal values: one shared Parameter (re-tie if the merge produced separate equal copies).
+            keep = merged.get_parameter(first_input)
+            for n in names:
+                if merged.get_parameter(n) is not keep:
+                    _set_param(merged, n, keep)
+            if g.touched:
+                report.actions.append(f"{g.label}: adapter leaves {', '.join(names)} equal; kept them tied")
+            continue
+        if policy == "keep_tied":
+            chosen = _keep_tied_value(merged, g, classes)
+            for n in names:
+                _set_param(merged, n, chosen)
+            report.actions.append(
+                f"{g.label}: kept {', '.join(names)} tied; the shared matrix holds the adapted side's merged value"
+            )
+            continue
+        # untie: each class keeps its own storage; the input embedding's class stays the tie source.
+        for members in classes:
+            keep = merged.get_parameter(members[0])
+            for n in members[1:]:
+                _set_param(merged, n, keep)
+        input_class = next(c for c in classes if first_input in c)
+        others = [n for n in names if n not in input_class]
+        untied_targets |= set(others)
+        report.actions.append(f"{g.label}: untied {', '.join(others)} from {first_input}")
+    if untied_targets:
+        removed = forget_ties(merged, untied_targets)
+        flags = set_tie_flags(merged.config, False)
+        report.actions.append(
+            f"set {', '.join(flags) or 'no tie flag'} = False; removed {', '.join(sorted(removed)) or 'nothing'} "
+            "from transformers' tied-weights record"
+        )
+
+
+def _keep_tied_value(merged: nn.Module, g: TieGroup, classes: list[list[str]]) -> nn.Parameter:
+    """The single value for a group kept tied: the side the adapter changed (exactly one delta applied)."""
+    changed = [c for c in classes if any(next(m for m in g.members if m.name == n).touched_by for n in c)]
+    untouched = [c for c in classes if c not in changed]
+    if len(changed) == 1 and untouched:
+        return merged.get_parameter(changed[0][0])
+    raise TiedMergeError(
+        f"tie_policy='keep_tied' cannot keep {', '.join(g.names)} tied: the adapter changes them differently "
+        f"({'; '.join('/'.join(c) for c in classes)}), so one tied matrix cannot hold both. "
+        "Fix: use tie_policy='untie' (exact), or train with ensure_weight_tying=True so both sides share one delta."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _embedding_check(name: str, before: torch.Tensor, after: torch.Tensor, trained: bool) -> EmbeddingCheck:
+    if after is before or (after.shape == before.shape and torch.equal(after, before)):
+        return EmbeddingCheck(name, True, trained, 0, 0.0)
+    if after.shape != before.shape:
+        return EmbeddingCheck(name, False, trained, -1, float("inf"))
+    diff = (after.detach().float() - before.detach().float()).abs()
+    rows = int((diff.reshape(diff.shape[0], -1) != 0).any(dim=1).sum())
+    return EmbeddingCheck(name, False, trained, rows, float(torch.nan_to_num(diff, nan=float("inf")).max()))
+
+
+def _input_embedding_names(groups: list[TieGroup]) -> dict[str, bool]:
+    """Canonical input-embedding names → whether the adapter trains them."""
+    out: dict[str, bool] = {}
+    for g in groups:
+        for m in g.input_members:
+            out[m.name] = bool(m.touched_by)
+    return out
+
+
+def plain_merge_changes_input_embeddings(groups: list[TieGroup]) -> bool:
+    """True when PEFT's in-place ``merge_and_unload()`` would add a delta trained for another member into a tied
+    input embedding (a physically tied group with an adapter on a non-input member)."""
+    for g in groups:
+        if not g.physical:
+            continue
+        if any(m.touched_by for m in g.members if m.role != "input_embedding") and any(
+            not m.touched_by for m in g.input_members
+        ):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def safe_merge_and_unload(
+    peft_model: PeftModel,
+    tie_policy: TiePolicy = "untie",
+    *,
+    adapter_names: list[str] | None = None,
+    output_dir: str | Path | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    probe_input_ids: torch.Tensor | None = None,
+    verify_reload: bool = True,
+) -> tuple[nn.Module, MergeReport]:
+    """Merge a PEFT adapter so that tied input embeddings are preserved, and verify the result.
+
+    Unlike PEFT's ``merge_and_unload()`` (which adds each delta in place into ``base_layer.weight``, i.e. into the
+    shared matrix of a tied pair), this builds a new model object: modules without an adapter share their tensors
+    with the base model (no copy); each adapted module gets its merged weight as a new tensor (built in row chunks:
+    one weight's bytes of extra memory). The adapter model is not modified and stays usable.
+
+    Tie policies:
+        * ``"untie"`` (default): members of a tied group that end up with different values get separate storage;
+          ``tie_word_embeddings`` is set False on every config level that carries it and the untied targets are
+          removed from transformers' ``all_tied_weights_keys``, so ``save_pretrained`` keeps both tensors and
+          neither ``from_pretrained`` nor ``tie_weights()`` / ``resize_token_embeddings`` re-ties them
+          (transformers ≥ 5.4 behaviour). Members left equal stay tied.
+        * ``"keep_tied"``: the group stays one matrix holding the adapted side's merged value (the delta applied
+          exactly once); the logit difference this causes is reported, not treated as a failure.
+        * ``"error"``: raise :class:`TiedMergeError` if any adapter part touches a physically tied group.
+
+    Verification (always): logits of merged vs adapter model on a probe batch (default 2 × 32 random token ids)
+    within :func:`tie_guard.probe.logit_tolerance` for the model's dtype (``"untie"``/``"error"`` only), and every
+    input embedding not trained by the adapter bit-identical to its pre-merge value. With ``output_dir``: the model
+    (safetensors), ``tokenizer`` and report are written to a temporary sibling, reloaded with ``from_pretrained``
+    and checked again (logits vs merged, embeddings, ties), then renamed into place.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` (LoRA-family or another tuner with layer merges, ``modules_to_save``,
+            trainable tokens). Not modified.
+        tie_policy: see above.
+        adapter_names: adapters to merge (default: the active adapters).
+        output_dir: where to save the verified merged model; must not exist unless ``overwrite``.
+        tokenizer: saved beside the model when given.
+        overwrite: replace an existing ``output_dir`` (atomically, after verification).
+        probe_input_ids: (batch, seq) token ids to verify on; default a seeded random batch.
+        verify_reload: reload from ``output_dir`` and check again (ignored without ``output_dir``).
+    Returns:
+        ``(merged_model, report)``; ``merged_model`` is a plain transformers model of the base model's class.
+    Raises:
+        TypeError: ``peft_model`` is not a ``PeftModel``.
+        ValueError: unknown ``tie_policy`` or adapter name.
+        TiedMergeError: ``tie_policy="error"`` and a tied group is touched, or ``"keep_tied"`` is impossible.
+        UnsupportedAdapterError: a prompt-learning adapter, or a PEFT layer without an exact merge.
+        MergeVerificationError: a check failed; nothing is saved and ``.report`` holds the numbers.
+        FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+    """
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(
+            f"safe_merge_and_unload expects a peft.PeftModel, got {type(peft_model).__name__}. "
+            "Fix: pass the model returned by peft.get_peft_model(...) or PeftModel.from_pretrained(...)."
+        )
+    names = list(adapter_names or peft_model.active_adapters)
+    unknown = [n for n in names if n not in peft_model.peft_config]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(peft_model.peft_config)}")
+    for n in names:
+        if getattr(peft_model.peft_config[n], "is_prompt_learning", False):
+            raise UnsupportedAdapterError(
+                f"Adapter {n!r} is a prompt-learning adapter ({peft_model.peft_config[n].peft_type}); it has no "
+                "weights to merge. Fix: keep it as an adapter (PeftModel) for inference."
+            )
+    if output_dir is not None and Path(output_dir).exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists. Fix: choose a new output_dir or pass overwrite=True.")
+
+    t0 = time.perf_counter()
+    dtype = model_dtype(peft_model)
+    groups = find_tied_groups(peft_model)
+    report = MergeReport(
+        tie_policy=tie_policy,
+        adapter_names=names,
+        dtype=str(dtype),
+        groups_before=[row for g in groups for row in g.as_rows()],
+        plain_merge_changes_input_embeddings=plain_merge_changes_input_embeddings(groups),
+    )
+    touched = [g for g in groups if g.physical and g.touched]
+    if tie_policy == "error" and touched:
+        raise TiedMergeError(
+            "tie_policy='error': the adapter touches tied weights: "
+            + "; ".join(f"{m.name} ({', '.join(m.touched_by)})" for g in touched for m in g.members if m.touched_by)
+            + f" (tied with {', '.join(n for g in touched for n in g.names)}). A plain merge would write into the "
+            "shared matrix. Fix: use tie_policy='untie' (preserves input embeddings) or 'keep_tied'."
+        )
+
+    with _active_adapters(peft_model, names):
+        base_params = list(iter_base_parameters(peft_model))
+        config = peft_model.get_base_model().config
+        probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(_vocab_size(config))
+        report.probe_shape = list(probe.shape)
+        adapter_logits = probe_logits(peft_model, probe)
+        merged = _build_merged(peft_model, base_params)
+    _resolve_ties(merged, groups, tie_policy, report)
+    report.tie_flags_after = tie_flags(merged.config)
+    report.seconds["merge"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    merged_logits = probe_logits(merged, probe)
+    report.max_abs_logit_diff = max_abs_diff(merged_logits, adapter_logits)
+    report.logit_tolerance = logit_tolerance(dtype, float(adapter_logits.abs().max()))
+    pre = {bp.name: bp.param for bp in base_params}
+    trained = _input_embedding_names(groups)
+    report.input_embeddings = [
+        _embedding_check(n, pre[n], merged.get_parameter(n), trained[n]) for n in trained if n in pre
+    ]
+    if tie_policy != "keep_tied" and not report.max_abs_logit_diff <= report.logit_tolerance:
+        report.failures.append(
+            f"merged logits differ from the adapter model's by {report.max_abs_logit_diff:.3g} "
+            f"(tolerance {report.logit_tolerance:.3g} for {dtype})"
+        )
+    if tie_policy != "keep_tied" and not report.input_embeddings_bit_identical:
+        bad = [e.name for e in report.input_embeddings if not e.bit_identical and not e.adapter_trains_it]
+        report.failures.append(f"input embeddings changed by the merge: {', '.join(bad)}")
+    report.seconds["verify"] = time.perf_counter() - t1
+    if report.failures:
+        raise MergeVerificationError(_failure_message(report), report)
+
+    if output_dir is not None:
+        _save_and_check(merged, merged_logits, probe, tokenizer, Path(output_dir), overwrite,
+                        verify_reload, report)
+    report.verified = True
+    return merged, report
+
+
+def _vocab_size(config: PretrainedConfig) -> int:
+    for _, cfg in _configs_with_vocab(config):
+        return int(cfg.vocab_size)
+    raise ValueError("cannot find vocab_size in the model config; pass probe_input_ids explicitly")
+
+
+def _configs_with_vocab(config: PretrainedConfig):
+    from .tie_config import iter_configs
+
+    for p, cfg in iter_configs(config):
+        if isinstance(getattr(cfg, "vocab_size", None), int):
+            yield p, cfg
+
+
+class _active_adapters:
+    """Temporarily make ``names`` the active adapters (PEFT's ``set_adapter`` semantics) and restore after."""
+
+    def __init__(self, peft_model: PeftModel, names: list[str]):
+        self.model, self.names = peft_model, names
+
+    def __enter__(self):
+        self.before = list(self.model.active_adapters)
+        if self.before != self.names:
+            self._set(self.names)
+
+    def __exit__(self, *exc):
+        if self.before != self.names:
+            self._set(self.before)
+
+    def _set(self, names):
+        # PeftModel.set_adapter takes one name; the tuner's set_adapter accepts a list.
+        self.model.base_model.set_adapter(names if len(names) > 1 else names[0])
+        # set_adapter marks the newly active adapters trainable; PEFT's own behaviour, left as is.
+
+
+def _failure_message(report: MergeReport) -> str:
+    return (
+        "Merge verification failed: " + "; ".join(report.failures)
+        + ". Nothing was saved. Fix: keep using the adapter model (it is unchanged) and report this with the "
+        "MergeReport attached (exception.report)."
+    )
+
+
+def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrite: bool, verify_reload: bool,
+                    report: MergeReport) -> None:
+    t0 = time.perf_counter()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report.seconds["save"] = time.perf_counter() - t0
+        if verify_reload:
+            t1 = time.perf_counter()
+            reloaded = type(merged).from_pretrained(tmp, dtype=model_dtype(merged))
+            report.reload_max_abs_logit_diff = max_abs_diff(probe_logits(reloaded, probe), merged_logits)
+            ok = True
+            for e in report.input_embeddings:
+                want = merged.get_parameter(e.name)  # already checked against the pre-merge value
+                got = reloaded.get_parameter(e.name)
+                ok &= got.shape == want.shape and torch.equal(got, want)
+            report.reload_input_embeddings_bit_identical = ok
+            reload_groups = {g.label: g.status for g in find_tied_groups(reloaded)}
+            merged_groups = {g.label: g.status for g in find_tied_groups(merged)}
+            del reloaded
+            report.seconds["reload"] = time.perf_counter() - t1
+            if not report.reload_max_abs_logit_diff <= report.logit_tolerance:
+                report.failures.append(
+                    f"after save → reload, logits differ from the merged model's by "
+                    f"{report.reload_max_abs_logit_diff:.3g} (tolerance {report.logit_tolerance:.3g})"
+                )
+            if not ok:
+                report.failures.append("after save → reload, input embeddings differ from the expected values")
+            if reload_groups != merged_groups:
+                report.failures.append(f"ties changed on reload: {merged_groups} → {reload_groups}")
+            if report.failures:
+                raise MergeVerificationError(_failure_message(report), report)
+        report.output_dir = str(out)
+        report.verified = True
+        write_json_atomic(tmp / REPORT_NAME, report.to_dict())

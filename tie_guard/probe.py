@@ -1,0 +1,90 @@
+"""Probe batches and logit comparison used to verify merges.
+
+Tolerances (max |Δlogit|, merged vs adapter model) are per dtype: the merged model computes ``x @ (W + ΔW)ᵀ``
+where the adapter model computes ``x @ Wᵀ + (x @ Aᵀ) @ Bᵀ · s``; the two differ only by rounding. Stated as
+``atol + rtol · max|logits|``:
+
+==========  ======  ======
+dtype       atol    rtol
+==========  ======  ======
+float32     1e-4    1e-6
+bfloat16    0.25    0.02
+float16     0.05    0.005
+==========  ======  ======
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+LOGIT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-6),
+    torch.float64: (1e-8, 1e-10),
+    torch.bfloat16: (0.25, 0.02),
+    torch.float16: (0.05, 0.005),
+}
+
+
+def logit_tolerance(dtype: torch.dtype, max_abs_logit: float) -> float:
+    """Allowed max |Δlogit| for a model computing in ``dtype`` whose logits reach ``max_abs_logit``."""
+    atol, rtol = LOGIT_TOLERANCES.get(dtype, LOGIT_TOLERANCES[torch.float32])
+    return atol + rtol * max_abs_logit
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype most of ``model``'s parameters use."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def make_probe_ids(vocab_size: int, batch: int = 2, seq_len: int = 32, seed: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """A deterministic probe batch of token ids, shape (batch, seq_len), drawn uniformly from ``[0, vocab_size)``
+    so that every part of the vocabulary (new tokens included) can show up."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=gen).to(device)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` on ``input_ids`` (batch × seq) as float32, shape (batch, seq, vocab), in eval mode
+    (dropout off) and without gradients; the model's train/eval mode is restored afterwards. Encoder–decoder
+    models get ``decoder_input_ids = input_ids``."""
+    config = getattr(model, "config", None)
+    kwargs = {"input_ids": input_ids.to(model_device(model)), "use_cache": False}
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = kwargs["input_ids"]
+    with torch.no_grad(), _eval_mode(model):
+        out = model(**kwargs)
+    return out.logits.detach().float().cpu()
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| as a Python float (``inf`` if either holds a non-finite value where the other does not)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    d = (a.float() - b.float()).abs()
+    d = torch.nan_to_num(d, nan=float("inf"))
+    return float(d.max()) if d.numel() else 0.0

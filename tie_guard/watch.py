@@ -1,0 +1,309 @@
+"""Capture tie groups before training and check them cheaply during it."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .effective import divergence_sq, effective_weight
+from .events import EventLog
+from .fingerprint import Fingerprint
+from .groups import TieGroup, _storage_key, find_tied_groups, physical_components
+from .peft_layout import BaseParameter, base_model_of, iter_base_parameters
+
+
+@dataclass
+class Finding:
+    """One problem found by a check.
+
+    Attributes:
+        kind: ``"tie_broken"``, ``"tie_appeared"``, ``"frozen_modified"``, ``"nonfinite"`` or ``"missing"``.
+        group: label of the tie group (``"lm_head"``).
+        message: what happened and the fix.
+    """
+
+    kind: str
+    group: str
+    message: str
+
+
+@dataclass
+class CheckResult:
+    """Outcome of :meth:`TieWatcher.check`.
+
+    Attributes:
+        step: optimizer step checked.
+        findings: problems found (empty when all is well).
+        divergence: group label → ‖W_out,eff − W_in,eff‖_F / ‖W_in‖_F (dimensionless, 0 while the effective output
+            embedding equals the input embedding).
+        seconds: wall time of the check.
+    """
+
+    step: int
+    findings: list[Finding] = field(default_factory=list)
+    divergence: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+@dataclass
+class _Watched:
+    """A watched parameter: where to find it again, and its adapter parts."""
+
+    bp: BaseParameter
+
+    def resolve(self, root: nn.Module) -> torch.Tensor | None:
+        try:
+            module = root.get_submodule(self.bp.real_module_path) if self.bp.real_module_path else root
+        except AttributeError:
+            return None
+        return module._parameters.get(self.bp.attr)
+
+
+def _touch_signature(bp: BaseParameter) -> frozenset:
+    """Identity of the adapter tensors that change this parameter; equal signatures ⇒ one shared delta."""
+    sig = set()
+    for part in bp.parts:
+        for name, t in part.wrapper.named_parameters():
+            if not name.startswith(("base_layer.", "original_module.", "token_adapter.base_layer.")):
+                sig.add((part.kind, t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)))
+    return frozenset(sig)
+
+
+class TieWatcher:
+    """Watches the tie groups of one model: capture once, then :meth:`check` every few steps.
+
+    The per-check cost is independent of vocabulary size for frozen shared weights (see
+    :mod:`tie_guard.fingerprint`); divergence of a LoRA-adapted head is computed from the LoRA factors only
+    (O((vocab + hidden) · r²)); ``modules_to_save`` copies and trainable shared weights cost one read of the matrix.
+
+    Args:
+        model: the model being trained (a transformers model or a ``PeftModel``). Only read.
+        events: where findings and metrics go.
+    """
+
+    def __init__(self, model: nn.Module, events: EventLog | None = None):
+        self.model = model
+        self.events = events or EventLog()
+        self.groups: list[TieGroup] = []
+        self._watched: dict[str, _Watched] = {}
+        self._partition: list[list[str]] = []
+        self._fingerprints: dict[str, Fingerprint] = {}
+        self._ref_norm: dict[str, float] = {}
+        self._pairs: list[tuple[TieGroup, str, str]] = []
+        self.last_divergence: dict[str, float] = {}
+        self.n_findings = 0
+        self.captured = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    def capture(self, step: int = 0) -> list[TieGroup]:
+        """Find the tie groups, fingerprint frozen shared weights (one full read), emit ``capture`` and setup
+        warnings. Returns the groups."""
+        t0 = time.perf_counter()
+        base_params = list(iter_base_parameters(self.model))
+        by_name = {bp.name: bp for bp in base_params}
+        self.groups = find_tied_groups(self.model)
+        names: set[str] = {n for g in self.groups for n in g.names}
+        root = base_model_of(self.model)
+        # Also watch the model's own input/output embeddings, so a tie appearing later is seen.
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                mod = getattr(root, getter)()
+            except (NotImplementedError, AttributeError):
+                mod = None
+            for bp in base_params:
+                if mod is not None and bp.attr == "weight" and (bp.parts and bp.parts[0].wrapper is mod or
+                                                                bp.module is mod):
+                    names.add(bp.name)
+        self._watched = {n: _Watched(by_name[n]) for n in sorted(names)}
+        self._partition = self._current_partition()
+        self._fingerprints, self._ref_norm, self._pairs = {}, {}, []
+        for g in self.groups:
+            if not g.physical:
+                continue
+            rep = by_name[g.members[0].name].param
+            if not rep.requires_grad:
+                self._fingerprints[g.label] = Fingerprint(rep)
+            first_in = (g.input_members or g.members)[0].name
+            self._ref_norm[g.label] = float(torch.linalg.vector_norm(by_name[first_in].param.detach().float()))
+            for m in g.output_members:
+                self._pairs.append((g, first_in, m.name))
+        self.captured = True
+        rows = [r for g in self.groups for r in g.as_rows()]
+        self.events.emit(
+            "capture", step, "info",
+            f"captured {len(self.groups)} tie group(s): "
+            + ("; ".join(f"{g.label} [{g.status}] = {', '.join(g.names)}" for g in self.groups) or "none"),
+            metrics={"groups": len(self.groups), "capture_seconds": time.perf_counter() - t0},
+            data={"groups": rows},
+            table=("groups", rows) if rows else None,
+        )
+        if not self.groups:
+            self.events.emit("no_tied_weights", step, "info",
+                             "this model has no tied weights; tie_guard has nothing to watch or untie")
+        for level, message in setup_warnings(self.groups, by_name):
+            self.events.emit("setup_warning", step, level, message)
+        return self.groups
+
+    def _current_partition(self) -> list[list[str]]:
+        root = base_model_of(self.model)
+        tensors = {}
+        for n, w in self._watched.items():
+            t = w.resolve(root)
+            if t is not None:
+                tensors[n] = t
+        return sorted(physical_components(tensors))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def check(self, step: int, emit: bool = True) -> CheckResult:
+        """Check ties, frozen shared weights, divergence and finiteness. Emits one ``check`` event (metrics) and
+        one ``break`` event (level error) per finding."""
+        if not self.captured:
+            raise RuntimeError("TieWatcher.check called before capture(); call capture() after the model is ready")
+        t0 = time.perf_counter()
+        res = CheckResult(step)
+        root = base_model_of(self.model)
+        current = {}
+        for n, w in self._watched.items():
+            t = w.resolve(root)
+            if t is None:
+                res.findings.append(Finding("missing", n, f"{n} is no longer in the model (module replaced?)"))
+            else:
+                current[n] = t
+        partition = self._current_partition()
+        if partition != self._partition:
+            res.findings.extend(_partition_findings(self._partition, partition, self.groups))
+            self._partition = partition
+        for g in self.groups:
+            fp = self._fingerprints.get(g.label)
+            if fp is None or g.members[0].name not in current:
+                continue
+            reason = fp.quick_check(current[g.members[0].name])
+            if reason is not None:
+                res.findings.append(Finding(
+                    "frozen_modified", g.label,
+                    f"frozen shared weight {g.members[0].name} (tied with {', '.join(g.names[1:])}) was modified: "
+                    f"{reason}. Something wrote into the base weights during training (an in-place merge, "
+                    "a weight hook, an optimizer over frozen params). Fix: find that write; merge only at the end "
+                    "with tie_guard.safe_merge_and_unload.",
+                ))
+                self._fingerprints[g.label] = Fingerprint(current[g.members[0].name])
+        with torch.no_grad():
+            for g, n_in, n_out in self._pairs:
+                if n_in not in current or n_out not in current:
+                    continue
+                w_in, w_out = self._watched[n_in].bp, self._watched[n_out].bp
+                e_in = effective_weight(current[n_in], w_in.parts)
+                e_out = effective_weight(current[n_out], w_out.parts)
+                shared = current[n_in] is current[n_out] or (
+                    _storage_key(current[n_in]) is not None
+                    and _storage_key(current[n_in]) == _storage_key(current[n_out])
+                )
+                d = math.sqrt(max(float(divergence_sq(e_out, e_in, shared)), 0.0))
+                rel = d / self._ref_norm[g.label] if self._ref_norm[g.label] > 0 else d
+                res.divergence[g.label] = rel
+                if not math.isfinite(rel) or (
+                    current[n_in].requires_grad and not bool(torch.isfinite(current[n_in]).all())
+                ):
+                    res.findings.append(Finding(
+                        "nonfinite", g.label,
+                        f"NaN/Inf in the effective weights of {g.label} ({n_out} vs {n_in}). Fix: lower the "
+                        "learning rate or enable gradient clipping, and resume from the last good checkpoint.",
+                    ))
+        res.seconds = time.perf_counter() - t0
+        self.last_divergence = dict(res.divergence)
+        self.n_findings += len(res.findings)
+        if emit:
+            metrics = {f"divergence/{k}": v for k, v in res.divergence.items()}
+            metrics.update({"breaks": len(res.findings), "check_seconds": res.seconds})
+            self.events.emit("check", step, "debug", "", metrics=metrics)
+            for f in res.findings:
+                self.events.emit("break", step, "error", f.message, data={"kind": f.kind, "group": f.group})
+        return res
+
+
+def _partition_findings(before: list[list[str]], after: list[list[str]], groups: list[TieGroup]) -> list[Finding]:
+    out = []
+    after_sets = [set(c) for c in after]
+    before_sets = [set(c) for c in before]
+    for comp in before_sets:
+        if comp not in after_sets:
+            label = next((g.label for g in groups if comp & set(g.names)), sorted(comp)[0])
+            out.append(Finding(
+                "tie_broken", label,
+                f"tie broken: {', '.join(sorted(comp))} no longer share one storage. A new Parameter was assigned "
+                "to one of them (or the model was re-wrapped/resized). Fix: re-tie with model.tie_weights() if the "
+                "config says tied, or set tie_word_embeddings=False on purpose and restart the guard.",
+            ))
+    for comp in after_sets:
+        if comp not in before_sets and not any(comp <= b for b in before_sets):
+            out.append(Finding(
+                "tie_appeared", sorted(comp)[0],
+                f"new tie: {', '.join(sorted(comp))} now share one storage although they were separate at capture "
+                "(tie_weights() re-read a stale tie_word_embeddings=True?). One trained matrix was replaced by the "
+                "other. Fix: set config.tie_word_embeddings=False (every config level) before tie_weights() / "
+                "resize_token_embeddings.",
+            ))
+    return out
+
+
+def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter]) -> list[tuple[str, str]]:
+    """``(level, message)`` for setups that will hurt, each with its fix."""
+    out = []
+    for g in groups:
+        if g.status == "declared_not_tied":
+            out.append(("warning",
+                        f"config declares {', '.join(g.names)} tied (tie_word_embeddings={g.config_flags}) but they "
+                        "are separate tensors: save_pretrained keeps one and from_pretrained re-ties or drops the "
+                        "other. Fix: set tie_word_embeddings=False on every config level (tie_guard's merge does it), "
+                        "or call model.tie_weights() if they should be one matrix."))
+            continue
+        if g.status == "tied_not_declared":
+            out.append(("warning",
+                        f"{', '.join(g.names)} share one storage but the config does not declare them tied "
+                        f"({g.config_flags}): save_pretrained will refuse or drop one on reload. Fix: set "
+                        "tie_word_embeddings=True, or give each its own copy."))
+        sigs = {m.name: _touch_signature(by_name[m.name]) for m in g.members}
+        if len(set(sigs.values())) <= 1:
+            continue
+        touched = [m for m in g.members if m.touched_by]
+        untouched = [m for m in g.members if not m.touched_by]
+        desc = "; ".join(f"{m.name} ← {', '.join(m.touched_by)}" for m in touched)
+        if untouched and all(m.role != "input_embedding" for m in touched):
+            out.append(("warning",
+                        f"adapter trains the output side of a tied group ({desc}) while "
+                        f"{', '.join(m.name for m in untouched)} shares its matrix. PEFT's merge_and_unload() would "
+                        "add the delta to the shared matrix and silently change the input embeddings. Fix: merge with "
+                        "tie_guard (TieGuardCallback(merge_at_end=True) or safe_merge_and_unload, tie_policy='untie'); "
+                        "never call merge_and_unload() on this model."))
+        elif untouched and all(m.role == "input_embedding" for m in touched):
+            out.append(("warning",
+                        f"adapter trains the input embedding of a tied group ({desc}) but not "
+                        f"{', '.join(m.name for m in untouched)}: the tied head keeps the old rows during training, "
+                        "and a plain merge writes the new rows into the head too. Fix: add the head as well with "
+                        "ensure_weight_tying=True (modules_to_save=['embed_tokens','lm_head'] or the same "
+                        "trainable_token_indices), or merge with tie_guard's 'untie'."))
+        else:
+            out.append(("warning",
+                        f"members of a tied group are trained separately ({desc}): they will no longer be one "
+                        "matrix. Fix: pass ensure_weight_tying=True to LoraConfig to share one delta, or merge with "
+                        "tie_guard's 'untie' to keep both exactly."))
+        copies = {}
+        for m in touched:
+            for part in by_name[m.name].parts:
+                if part.kind == "modules_to_save":
+                    for name in part.adapter_names:
+                        w = part.wrapper.modules_to_save[name].weight
+                        copies[w.untyped_storage().data_ptr()] = w.numel() * w.element_size()
+        if copies:
+            out.append(("info",
+                        f"modules_to_save holds {len(copies)} full copy(ies) of tied weights in {g.label}: "
+                        f"{sum(copies.values()) / 2**20:.1f} MiB extra in the adapter and its checkpoints."))
+    return out
