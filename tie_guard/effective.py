@@ -60,11 +60,11 @@ class EffectiveWeight:
         if self.kind == "zero":
             return base[start:stop].clone()
         if self.kind == "lowrank":
-            out = base[start:stop]
+            # W + Σ U V accumulated in float64 and rounded once to the base dtype: the merged weight is the
+            # correctly rounded value (PEFT rounds B @ A in the adapter dtype first, then the sum).
+            out = base[start:stop].double()
             for u, v in self.lowrank:
-                # PEFT adds a delta computed in the adapter's dtype to the base weight (in-place promotion), so
-                # the sum is formed in the promoted dtype and rounded once to the base dtype.
-                out = out + (u[start:stop] @ v)
+                out += u[start:stop].double() @ v.double()
             return out.to(base.dtype)
         if self.kind == "rows":
             out = base[start:stop].clone()

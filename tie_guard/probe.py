@@ -2,12 +2,14 @@
 
 Tolerances (max |Δlogit|, merged vs adapter model) are per dtype: the merged model computes ``x @ (W + ΔW)ᵀ``
 where the adapter model computes ``x @ Wᵀ + (x @ Aᵀ) @ Bᵀ · s``; the two differ only by rounding. Stated as
-``atol + rtol · max|logits|``:
+``atol + rtol · max|logits|``. The float32 bound sits above float32's own noise floor: on real
+SmolLM2-135M (logits up to 34) the *unmerged* adapter model run in float32 differs from the same model run in
+float64 by 1.5e-4 on the default probe, so a bound below that would fail exact merges.
 
 ==========  ======  ======
 dtype       atol    rtol
 ==========  ======  ======
-float32     1e-4    1e-6
+float32     1e-4    1e-5
 bfloat16    0.25    0.02
 float16     0.05    0.005
 ==========  ======  ======
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 LOGIT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float32: (1e-4, 1e-6),
+    torch.float32: (1e-4, 1e-5),
     torch.float64: (1e-8, 1e-10),
     torch.bfloat16: (0.25, 0.02),
     torch.float16: (0.05, 0.005),

@@ -246,7 +246,7 @@ def _partition_findings(before: list[list[str]], after: list[list[str]], groups:
         if comp not in before_sets and not any(comp <= b for b in before_sets):
             out.append(Finding(
                 "tie_appeared", sorted(comp)[0],
-                f"new tie: {', '.join(sorted(comp))} now share one storage although they were separate at capture "
+                f"new tie: {', '.join(sorted(comp))} now share one storage although they were separate at the last check "
                 "(tie_weights() re-read a stale tie_word_embeddings=True?). One trained matrix was replaced by the "
                 "other. Fix: set config.tie_word_embeddings=False (every config level) before tie_weights() / "
                 "resize_token_embeddings.",

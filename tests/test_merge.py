@@ -1,0 +1,150 @@
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model, train_adapter_a_little
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from tie_guard import MergeVerificationError, TiedMergeError, safe_merge_and_unload
+from tie_guard.merge import REPORT_NAME
+from tie_guard.probe import make_probe_ids, probe_logits
+
+FP32_TOL = 1e-4
+
+
+def _lm_head_lora(arch="gemma2", **kw):
+    base = tiny_model(arch)
+    base_embed = base.get_input_embeddings().weight.detach().clone()
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj", "v_proj"], **kw))
+    train_adapter_a_little(pm)
+    return pm, base_embed
+
+
+def _state_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_plain_peft_merge_changes_embeddings_but_tie_guard_does_not(tmp_path):
+    pm, base_embed = _lm_head_lora()
+    probe = make_probe_ids(VOCAB)
+    adapter_logits = probe_logits(pm, probe)
+
+    # The bug, on the same setup: PEFT's merge writes the head's delta into the shared matrix.
+    plain = copy.deepcopy(pm).merge_and_unload()
+    plain_embed_change = (plain.get_input_embeddings().weight - base_embed).abs()
+    plain_logit_diff = (probe_logits(plain, probe) - adapter_logits).abs().max().item()
+    assert (plain_embed_change.amax(dim=1) > 0).sum().item() == VOCAB  # every row moved
+    assert plain_logit_diff > 1e-2
+
+    merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "merged")
+    assert torch.equal(merged.get_input_embeddings().weight, base_embed)
+    assert report.input_embeddings_bit_identical and report.input_embeddings[0].rows_changed == 0
+    assert report.max_abs_logit_diff <= FP32_TOL
+    assert report.verified and report.plain_merge_changes_input_embeddings
+    assert merged.config.tie_word_embeddings is False
+    assert merged.lm_head.weight.untyped_storage().data_ptr() != merged.model.embed_tokens.weight.untyped_storage().data_ptr()
+    assert "lm_head.weight" not in merged.all_tied_weights_keys
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert reloaded.config.tie_word_embeddings is False
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.get_input_embeddings().weight, base_embed)
+    reload_diff = (probe_logits(reloaded, probe) - adapter_logits).abs().max().item()
+    assert reload_diff <= FP32_TOL
+    assert report.reload_max_abs_logit_diff == 0.0
+    on_disk = json.loads((tmp_path / "merged" / REPORT_NAME).read_text())
+    assert on_disk["verified"] is True and on_disk["input_embeddings_bit_identical"] is True
+    print(f"plain PEFT: embed max change {plain_embed_change.max():.3g}, logit diff {plain_logit_diff:.3g}; "
+          f"tie_guard: logit diff {report.max_abs_logit_diff:.3g}, after reload {reload_diff:.3g}")
+
+
+def test_adapter_model_is_not_modified_and_stays_usable():
+    pm, _ = _lm_head_lora()
+    before = _state_hash(pm)
+    probe = make_probe_ids(VOCAB)
+    logits_before = probe_logits(pm, probe)
+    safe_merge_and_unload(pm)
+    assert _state_hash(pm) == before
+    assert torch.equal(probe_logits(pm, probe), logits_before)
+    assert pm.get_base_model().lm_head.base_layer.weight is pm.get_base_model().model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "llama_tied", "qwen2_tied"])
+def test_untie_merge_across_architectures(arch, tmp_path):
+    pm, base_embed = _lm_head_lora(arch)
+    probe = make_probe_ids(VOCAB)
+    adapter_logits = probe_logits(pm, probe)
+    merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "m")
+    assert torch.equal(merged.get_input_embeddings().weight, base_embed)
+    assert report.max_abs_logit_diff <= FP32_TOL
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert (probe_logits(reloaded, probe) - adapter_logits).abs().max().item() <= FP32_TOL
+
+
+def test_keep_tied_applies_delta_exactly_once():
+    pm, base_embed = _lm_head_lora()
+    head = pm.get_base_model().lm_head
+    expected = base_embed + head.get_delta_weight("default")  # PEFT's own delta for this layer
+    merged, report = safe_merge_and_unload(pm, "keep_tied")
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert merged.config.tie_word_embeddings is True
+    torch.testing.assert_close(merged.lm_head.weight.detach(), expected, rtol=0, atol=1e-6)
+    assert report.max_abs_logit_diff > FP32_TOL  # moved: reported, not hidden
+    assert not report.input_embeddings[0].bit_identical
+
+
+def test_error_policy_names_the_tied_weights():
+    pm, _ = _lm_head_lora()
+    with pytest.raises(TiedMergeError, match=r"lm_head\.weight.*untie"):
+        safe_merge_and_unload(pm, "error")
+
+
+def test_error_policy_allows_adapters_that_do_not_touch_ties():
+    base = tiny_model("gemma2")
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    train_adapter_a_little(pm)
+    merged, report = safe_merge_and_unload(pm, "error")
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert report.max_abs_logit_diff <= FP32_TOL
+
+
+def test_resize_after_untie_merge_does_not_retie():
+    pm, base_embed = _lm_head_lora()
+    merged, _ = safe_merge_and_unload(pm)
+    head = merged.lm_head.weight.detach().clone()
+    merged.resize_token_embeddings(VOCAB + 8)
+    assert merged.lm_head.weight.untyped_storage().data_ptr() != merged.model.embed_tokens.weight.untyped_storage().data_ptr()
+    assert torch.equal(merged.lm_head.weight[:VOCAB], head)
+    assert torch.equal(merged.model.embed_tokens.weight[:VOCAB], base_embed)
+
+
+def test_failed_verification_raises_and_saves_nothing(tmp_path):
+    pm, _ = _lm_head_lora()
+    # A forward hook that only the adapter model runs: the merged model cannot match it.
+    pm.get_base_model().lm_head.register_forward_hook(lambda mod, args, out: out + 1.0)
+    with pytest.raises(MergeVerificationError, match="merged logits differ") as info:
+        safe_merge_and_unload(pm, output_dir=tmp_path / "merged")
+    assert info.value.report.max_abs_logit_diff == pytest.approx(1.0, abs=1e-3)
+    assert not (tmp_path / "merged").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_dir_is_refused(tmp_path):
+    pm, _ = _lm_head_lora()
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        safe_merge_and_unload(pm, output_dir=tmp_path / "merged")
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "user data"
+
+
+def test_non_peft_model_is_a_type_error():
+    with pytest.raises(TypeError, match="peft.get_peft_model"):
+        safe_merge_and_unload(tiny_model("gemma2"))
