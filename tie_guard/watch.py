@@ -270,6 +270,18 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter]) ->
                         f"{', '.join(g.names)} share one storage but the config does not declare them tied "
                         f"({g.config_flags}): save_pretrained will refuse or drop one on reload. Fix: set "
                         "tie_word_embeddings=True, or give each its own copy."))
+        copies = {}
+        for m in g.members:
+            for part in by_name[m.name].parts:
+                if part.kind == "modules_to_save":
+                    for name in part.adapter_names:
+                        w = part.wrapper.modules_to_save[name].weight
+                        copies[w.untyped_storage().data_ptr()] = w.numel() * w.element_size()
+        if copies:
+            out.append(("info",
+                        f"modules_to_save holds {len(copies)} full copy(ies) of tied weights in {g.label}: "
+                        f"{sum(copies.values()) / 2**20:.1f} MiB extra in the adapter and its checkpoints "
+                        f"({sum(copies.values())} bytes)."))
         sigs = {m.name: _touch_signature(by_name[m.name]) for m in g.members}
         if len(set(sigs.values())) <= 1:
             continue
@@ -295,15 +307,4 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter]) ->
                         f"members of a tied group are trained separately ({desc}): they will no longer be one "
                         "matrix. Fix: pass ensure_weight_tying=True to LoraConfig to share one delta, or merge with "
                         "tie_guard's 'untie' to keep both exactly."))
-        copies = {}
-        for m in touched:
-            for part in by_name[m.name].parts:
-                if part.kind == "modules_to_save":
-                    for name in part.adapter_names:
-                        w = part.wrapper.modules_to_save[name].weight
-                        copies[w.untyped_storage().data_ptr()] = w.numel() * w.element_size()
-        if copies:
-            out.append(("info",
-                        f"modules_to_save holds {len(copies)} full copy(ies) of tied weights in {g.label}: "
-                        f"{sum(copies.values()) / 2**20:.1f} MiB extra in the adapter and its checkpoints."))
     return out
