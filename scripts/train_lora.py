@@ -10,9 +10,6 @@ directory or a hub id (e.g. google/gemma-2-2b-it) where the hub is reachable.
 
 from __future__ import annotations
 
-import copy
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +21,10 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import build_dataset  # noqa: E402
+from job_common import finish, offline_wandb_defaults, summarize  # noqa: E402
 
-from tie_guard import TieGuardCallback, TieGuardConfig, find_tied_groups  # noqa: E402
+from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
 from tie_guard.packaged import chitchat_conversations, resolve_model_path  # noqa: E402
-from tie_guard.probe import make_probe_ids, max_abs_diff, probe_logits  # noqa: E402
 
 
 @dataclass
@@ -42,29 +39,10 @@ class DataArguments:
     )
 
 
-def plain_peft_merge_numbers(peft_model, probe) -> dict:
-    """What PEFT's own merge_and_unload() does on a deep copy: input-embedding change and logit difference."""
-    clone = copy.deepcopy(peft_model)
-    emb_before = clone.get_base_model().get_input_embeddings()
-    emb_before = getattr(emb_before, "weight", None)
-    emb_before = emb_before.detach().clone() if emb_before is not None else None
-    adapter = probe_logits(clone, probe)
-    merged = clone.merge_and_unload()
-    emb_after = merged.get_input_embeddings().weight.detach()
-    rows = int((emb_after != emb_before).any(dim=1).sum())
-    return {
-        "input_embedding_rows_changed": rows,
-        "input_embedding_max_abs_change": float((emb_after - emb_before).abs().max()),
-        "max_abs_logit_diff": max_abs_diff(probe_logits(merged, probe), adapter),
-    }
-
-
 def main(argv=None):
     parser = TrlParser((DataArguments, ModelConfig, TrainingArguments, TieGuardConfig))
     data_args, model_args, training_args, guard_args = parser.parse_args_and_config(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user's environment says otherwise
-    os.environ.setdefault("WANDB_DIR", training_args.output_dir)
-    os.makedirs(training_args.output_dir, exist_ok=True)
+    offline_wandb_defaults(training_args.output_dir)
 
     path = resolve_model_path(model_args.model_name_or_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
@@ -91,40 +69,8 @@ def main(argv=None):
     )
     trainer.train()
 
-    summary = {
-        "groups": [row for g in find_tied_groups(model) for row in g.as_rows()],
-        "final_divergence": guard.watcher.last_divergence if guard.watcher else {},
-        "status": guard.status,
-    }
-    report = guard.merge_report
-    if report is not None:
-        summary["tie_guard_merge"] = {
-            "max_abs_logit_diff": report.max_abs_logit_diff,
-            "logit_tolerance": report.logit_tolerance,
-            "reload_max_abs_logit_diff": report.reload_max_abs_logit_diff,
-            "input_embeddings_bit_identical": report.input_embeddings_bit_identical,
-            "merged_dir": report.output_dir,
-        }
-    if data_args.compare_plain_merge:
-        probe = make_probe_ids(tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 1000,
-                               guard_args.probe_batch_size, guard_args.probe_seq_len)
-        probe = probe.clamp_max(model.get_base_model().config.vocab_size - 1)
-        summary["plain_peft_merge"] = plain_peft_merge_numbers(model, probe)
-
-    print("\n==== tie_guard summary ====")
-    print(json.dumps(summary, indent=2, default=str))
-    if report is not None:
-        merged = AutoModelForCausalLM.from_pretrained(report.output_dir, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(report.output_dir)
-        msgs = [{"role": "user", "content": data_args.prompt}]
-        inputs = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = merged.generate(**inputs, max_new_tokens=data_args.max_new_tokens, do_sample=False)
-        answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        print(f"\nreloaded merged model from {report.output_dir}\n> {data_args.prompt}\n{answer.strip()}")
-        summary["generation"] = {"prompt": data_args.prompt, "answer": answer.strip()}
-    Path(training_args.output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    summary = summarize(model, guard, data_args.compare_plain_merge)
+    return finish(summary, training_args.output_dir, data_args.prompt, data_args.max_new_tokens, dtype)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,14 @@ def record(row: dict) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         with open(Path(out) / "compat.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+# What TRL's SFTTrainer builds when clone_chat_template adds tokens to a tied model: PEFT 0.21 stacks trainable
+# tokens over a modules_to_save copy, and that layer cannot run forward (tie_guard reports it at train start).
+TRL_CLONE_LAYOUTS = {
+    "trainable tokens embed_tokens + modules_to_save lm_head": dict(
+        target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5, 9]}, modules_to_save=["lm_head"]),
+    "... with ensure_weight_tying": dict(
+        target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5, 9]}, modules_to_save=["lm_head"],
+        ensure_weight_tying=True),
+}

@@ -72,7 +72,7 @@ def test_trainer_run_logs_to_wandb_jsonl_and_merges(tmp_path, wandb_dir):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "capture" and "setup_warning" in kinds and kinds.count("merge") == 1
     checks = [e for e in events if e["event"] == "check"]
-    assert [e["step"] for e in checks] == [2, 4, 6, 6]  # every 2 steps + the final check
+    assert [e["step"] for e in checks] == [2, 4, 6]  # every 2 steps; the end reuses the step-6 check
     assert events[-1]["event"] == "summary" and events[-1]["data"]["status"] == "ok"
 
     # --- W&B, read back from the offline run file ---
@@ -86,12 +86,13 @@ def test_trainer_run_logs_to_wandb_jsonl_and_merges(tmp_path, wandb_dir):
         "model.embed_tokens.weight", "lm_head.weight"]
     div = [(h["train/global_step"], h["tie_guard/divergence/lm_head"]) for h in hist
            if "tie_guard/divergence/lm_head" in h]
-    assert [s for s, _ in div] == [2, 4, 6, 6]
+    assert [s for s, _ in div] == [2, 4, 6]
     assert all(v > 0 and v < 10 for _, v in div)
     assert [v for _, v in div] == [e["metrics"]["divergence/lm_head"] for e in checks]
     merge = [h for h in hist if "tie_guard/merge/verified" in h]
     assert len(merge) == 1 and merge[0]["tie_guard/merge/verified"] == 1
     assert merge[0]["tie_guard/merge/max_abs_logit_diff"] <= 1e-4
+    assert merge[0]["tie_guard/merge/logits_match"] == 1
     assert merge[0]["tie_guard/merge/input_embeddings_bit_identical"] == 1
     assert run["summary"]["tie_guard/status"] == "ok"
     assert run["summary"]["tie_guard/merge/verified"] is True
@@ -110,7 +111,7 @@ def test_break_stops_training_and_alerts_once(tmp_path, wandb_dir):
     assert len(run["alerts"]) == 1 and "tie broken" in run["alerts"][0][1]
     assert run["summary"]["tie_guard/status"] == "broken"
     breaks = [h["tie_guard/breaks"] for h in run["history"] if "tie_guard/breaks" in h]
-    assert breaks == [0, 1, 0]  # step 2, step 4, final
+    assert breaks == [0, 1]  # step 2, step 4 (the end reuses the step-4 check)
 
 
 def test_break_raises_when_asked(tmp_path):
@@ -142,7 +143,7 @@ def test_wandb_always_starts_an_offline_run(tmp_path, wandb_dir):
             callbacks=[cb]).train()
     run = read_run(find_run_dir(tmp_path / "run"))
     assert run["summary"]["tie_guard/status"] == "ok"
-    assert [h["train/global_step"] for h in run["history"] if "tie_guard/divergence/lm_head" in h] == [3, 6, 6]
+    assert [h["train/global_step"] for h in run["history"] if "tie_guard/divergence/lm_head" in h] == [3, 6]
 
 
 def test_full_fine_tuning_keeps_the_tie(tmp_path):

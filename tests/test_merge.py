@@ -47,7 +47,7 @@ def test_plain_peft_merge_changes_embeddings_but_tie_guard_does_not(tmp_path):
     assert torch.equal(merged.get_input_embeddings().weight, base_embed)
     assert report.input_embeddings_bit_identical and report.input_embeddings[0].rows_changed == 0
     assert report.max_abs_logit_diff <= FP32_TOL
-    assert report.verified and report.plain_merge_changes_input_embeddings
+    assert report.verified and report.logits_match and report.plain_merge_changes_input_embeddings
     assert merged.config.tie_word_embeddings is False
     assert merged.lm_head.weight.untyped_storage().data_ptr() != merged.model.embed_tokens.weight.untyped_storage().data_ptr()
     assert "lm_head.weight" not in merged.all_tied_weights_keys
@@ -143,6 +143,37 @@ def test_existing_output_dir_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         safe_merge_and_unload(pm, output_dir=tmp_path / "merged")
     assert (tmp_path / "merged" / "keep.txt").read_text() == "user data"
+
+
+def test_empty_existing_output_dir_is_accepted_and_outputs_follow_umask(tmp_path):
+    pm, _ = _lm_head_lora()
+    (tmp_path / "merged").mkdir()
+    safe_merge_and_unload(pm, output_dir=tmp_path / "merged")
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~mask
+    for f in ("model.safetensors", "config.json", REPORT_NAME):
+        assert stat.S_IMODE((tmp_path / "merged" / f).stat().st_mode) == 0o666 & ~mask
+
+
+def test_bad_probe_and_adapter_names_are_clear_errors():
+    pm, _ = _lm_head_lora()
+    with pytest.raises(ValueError, match=r"vocabulary is \[0, 256\).*Fix"):
+        safe_merge_and_unload(pm, probe_input_ids=torch.tensor([[1, 2, 300]]))
+    with pytest.raises(ValueError, match=r"\(batch, seq\)"):
+        safe_merge_and_unload(pm, probe_input_ids=torch.tensor([1, 2, 3]))
+    merged, report = safe_merge_and_unload(pm, adapter_names="default")  # a single name, as in PEFT
+    assert report.adapter_names == ["default"]
+
+
+def test_keep_tied_reports_logits_do_not_match_but_is_verified():
+    pm, _ = _lm_head_lora()
+    _, report = safe_merge_and_unload(pm, "keep_tied")
+    assert report.verified and not report.logits_match
+    assert report.max_abs_logit_diff > report.logit_tolerance
 
 
 def test_non_peft_model_is_a_type_error():

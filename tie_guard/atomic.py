@@ -18,16 +18,22 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False):
     is removed on any exception. With ``overwrite=True`` an existing ``dest`` is moved aside first and removed only
     after the new one is in place.
 
+    Modes of what lands follow the process umask (as a plain ``mkdir``/``open`` would).
+
     Raises:
-        FileExistsError: ``dest`` exists and ``overwrite`` is False.
+        FileExistsError: ``dest`` is a file, or a non-empty directory and ``overwrite`` is False.
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} already exists; choose another output directory or allow overwriting.")
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is not a directory. Fix: choose another output directory.")
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} already exists and is not empty. Fix: choose another output directory or "
+                              "allow overwriting.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -53,12 +59,30 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """``mkdtemp``/``mkstemp`` create owner-only entries; give the output the modes a plain write would get."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -73,7 +73,8 @@ class TieGuardCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.watcher is None:
             return
-        res = self.watcher.check(state.global_step)
+        last = self.watcher.last_result
+        res = last if last is not None and last.step == state.global_step else self.watcher.check(state.global_step)
         self._handle(res, state, control, final=True)
         summary = {"status": self.status, "breaks": self.watcher.n_findings, "groups": len(self.watcher.groups)}
         summary.update({f"divergence/{k}": v for k, v in res.divergence.items()})
@@ -81,7 +82,8 @@ class TieGuardCallback(TrainerCallback):
             summary.update(self._merge(args, state, model, processing_class or kwargs.get("tokenizer")))
         elif self.config.merge_at_end and not isinstance(model, PeftModel):
             self.events.emit("merge_skipped", state.global_step, "info",
-                             "no PEFT adapter to merge (full fine-tuning): the trained model is saved as is")
+                             "no PEFT adapter to merge (full fine-tuning); the trained model itself keeps its ties: "
+                             "save it with trainer.save_model()")
         summary["status"] = self.status
         self.events.summary(summary)
         if self._wandb is not None:
@@ -120,6 +122,7 @@ class TieGuardCallback(TrainerCallback):
         metrics = {
             "merge/verified": 1,
             "merge/max_abs_logit_diff": report.max_abs_logit_diff,
+            "merge/logits_match": int(report.logits_match),
             "merge/logit_tolerance": report.logit_tolerance,
             "merge/input_embeddings_bit_identical": int(report.input_embeddings_bit_identical),
             "merge/seconds": sum(report.seconds.values()),

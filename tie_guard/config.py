@@ -59,5 +59,8 @@ class TieGuardConfig:
             raise ValueError(f"on_break must be one of {ON_BREAK}, got {self.on_break!r}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"wandb must be one of {WANDB_MODES}, got {self.wandb!r}")
+        if self.probe_batch_size < 1 or self.probe_seq_len < 1:
+            raise ValueError(f"probe_batch_size and probe_seq_len must be >= 1, got {self.probe_batch_size} and "
+                             f"{self.probe_seq_len}")
         if self.check_every < 0:
             raise ValueError(f"check_every must be >= 0 (0 disables periodic checks), got {self.check_every}")

@@ -42,8 +42,9 @@ class EffectiveWeight:
         lowrank: for ``"lowrank"``: ``[(U, V)]`` with ``U``: rows × r and ``V``: r × cols, scaling folded into ``U``.
         row_index / row_values: for ``"rows"``: replaced row indices (k,) and their new values (k × cols).
         full: for ``"dense"``: a function returning the full effective weight (may allocate rows × cols).
-        source: the existing tensor that *is* the effective weight when one exists (e.g. a ``modules_to_save``
-            copy); merging then shares it instead of copying.
+
+    ``base`` is the tensor the change applies to: the module's own weight, or the trained copy when a
+    ``modules_to_save`` wrapper sits underneath (then ``kind="zero"`` over the copy means "the copy, as is").
     """
 
     base: torch.Tensor
@@ -52,7 +53,6 @@ class EffectiveWeight:
     row_index: torch.Tensor | None = None
     row_values: torch.Tensor | None = None
     full: Callable[[], torch.Tensor] | None = None
-    source: torch.Tensor | None = None
 
     def rows(self, start: int, stop: int, _cache: dict | None = None) -> torch.Tensor:
         """Effective rows ``[start, stop)`` as a new tensor in ``base.dtype`` ((stop-start) × cols)."""
@@ -79,10 +79,10 @@ class EffectiveWeight:
         return self.full()[start:stop]
 
     def materialize(self) -> torch.Tensor:
-        """The full effective weight as a new tensor (never a view of the base), built in row chunks so that
-        peak extra memory is one weight plus ``CHUNK_ROWS`` rows."""
-        if self.source is not None:
-            return self.source.detach()
+        """The full effective weight, built in row chunks so that peak extra memory is one weight plus
+        ``CHUNK_ROWS`` rows; for ``kind="zero"`` the base itself (shared, not copied)."""
+        if self.kind == "zero":
+            return self.base.detach()  # no change on top of base: share it
         if self.kind == "dense":
             return self.full()
         out = torch.empty_like(self.base, memory_format=torch.contiguous_format)
@@ -114,22 +114,25 @@ def effective_weight(base_weight: torch.Tensor, parts: list[AdapterPart], attr: 
 
 
 def _effective(w: torch.Tensor, parts: list[AdapterPart], attr: str) -> EffectiveWeight:
-    if not parts:
-        return EffectiveWeight(base=w, kind="zero")
-    if len(parts) > 1:
-        raise UnsupportedAdapterError(
-            f"Module {parts[0].module_path!r} is wrapped by several PEFT constructs "
-            f"({', '.join(p.describe() for p in parts)}); tie_guard merges one construct per module. "
-            "Fix: target the module with one of LoRA, modules_to_save or trainable_token_indices."
-        )
-    part = parts[0]
+    eff = EffectiveWeight(base=w, kind="zero")
+    for part in reversed(parts):  # innermost wrapper first
+        if eff.kind != "zero":
+            raise UnsupportedAdapterError(
+                f"Module {part.module_path!r} stacks PEFT constructs that each change its weight "
+                f"({', '.join(p.describe() for p in parts)}); tie_guard cannot merge that exactly. "
+                "Fix: target the module with one of LoRA, modules_to_save or trainable_token_indices."
+            )
+        eff = _apply(part, eff.base, attr)
+    return eff
+
+
+def _apply(part: AdapterPart, w: torch.Tensor, attr: str) -> EffectiveWeight:
+    """What one adapter part does on top of ``w`` (the module's weight or the copy below it)."""
     layer = part.wrapper
     if part.kind == "modules_to_save":
         if not part.adapter_names:
             return EffectiveWeight(base=w, kind="zero")
-        copy_mod = layer.modules_to_save[part.adapter_names[0]]
-        src = getattr(copy_mod, attr)
-        return EffectiveWeight(base=w, kind="dense", full=lambda: src.detach(), source=src)
+        return EffectiveWeight(base=getattr(layer.modules_to_save[part.adapter_names[0]], attr), kind="zero")
     if part.kind == "trainable_tokens":
         if attr != "weight":
             return EffectiveWeight(base=w, kind="zero")
@@ -215,14 +218,14 @@ def lowrank_sq_norm(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
     return total
 
 
-def divergence_sq(out: EffectiveWeight, inp: EffectiveWeight, shared_base: bool) -> torch.Tensor:
+def divergence_sq(out: EffectiveWeight, inp: EffectiveWeight) -> torch.Tensor:
     """‖W_out,eff − W_in,eff‖_F² in float32.
 
-    With a shared base and low-rank or zero deltas on both sides this never builds a rows × cols matrix; rows-only
-    deltas read only the replaced rows; anything else is reduced in ``CHUNK_ROWS``-row chunks.
+    When both sides build on one storage (a tied base, or one shared ``modules_to_save`` copy) and their changes
+    are low-rank or zero, this never builds a rows × cols matrix; rows-only changes read only the replaced rows;
+    anything else is reduced in ``CHUNK_ROWS``-row chunks.
     """
-    if out.source is not None and inp.source is not None and _same_storage(out.source, inp.source):
-        return torch.zeros((), dtype=torch.float32)  # one shared trained copy (ensure_weight_tying)
+    shared_base = _same_storage(out.base, inp.base)
     if shared_base and out.kind in ("zero", "lowrank") and inp.kind in ("zero", "lowrank"):
         out_terms, in_terms = list(out.lowrank or []), list(inp.lowrank or [])
         for term in list(out_terms):  # one delta shared by both sides (ensure_weight_tying) cancels exactly

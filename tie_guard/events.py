@@ -81,7 +81,8 @@ class EventLog:
         """Final values for the W&B run summary (``tie_guard/<key>``) and a ``summary`` JSONL record."""
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "event": "summary", "data": values}, default=str) + "\n")
+                f.write(json.dumps({"time": time.time(), "step": values.get("step"), "event": "summary", "level": "info",
+                                    "message": "", "metrics": {}, "data": values}, default=str) + "\n")
         if self.wandb is not None:
             self.wandb.summary(values)
 

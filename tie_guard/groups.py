@@ -220,6 +220,9 @@ def find_tied_groups(model: nn.Module) -> list[TieGroup]:
     Returns:
         The groups (possibly empty, e.g. for an untied Llama), ordered by their first member's name.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"find_tied_groups expects a loaded model (torch.nn.Module), got {type(model).__name__}. "
+                        "Fix: load it first, e.g. AutoModelForCausalLM.from_pretrained(name_or_path).")
     base_params = list(iter_base_parameters(model))
     by_name = {bp.name: bp for bp in base_params}
     tensors = {bp.name: bp.param for bp in base_params}

@@ -17,7 +17,7 @@ from .effective import effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
 from .groups import TieGroup, find_tied_groups
 from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
-from .probe import logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
+from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
 from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags
 
 TiePolicy = Literal["untie", "keep_tied", "error"]
@@ -60,13 +60,19 @@ class MergeReport:
         probe_shape: shape of the probe batch (batch, seq).
         max_abs_logit_diff: max |logit_merged − logit_adapter| on the probe batch.
         logit_tolerance: the bound used for this dtype (see :mod:`tie_guard.probe`).
+        logits_match: ``max_abs_logit_diff <= logit_tolerance``: the merged model computes what the adapter model
+            computes. Required for ``"untie"``/``"error"``; with ``"keep_tied"`` usually False when a tied group was
+            adapted on one side (the shift is the price of keeping one matrix).
         input_embeddings: one :class:`EmbeddingCheck` per input embedding.
         tie_flags_after: ``tie_word_embeddings`` at each config level of the merged model.
         output_dir: where the merged model was saved (``None`` when not saved).
         reload_max_abs_logit_diff: max |logit_reloaded − logit_merged| after save → reload.
         reload_input_embeddings_bit_identical: every input embedding after reload equals the merged model's
             bit for bit (which the in-memory check compared with the pre-merge value).
-        verified: every check passed (``False`` only inside a :class:`MergeVerificationError`).
+        verified: every check the policy requires passed (``False`` only inside a
+            :class:`MergeVerificationError`): for ``"untie"``/``"error"`` logits match and untrained input
+            embeddings are bit-identical; for ``"keep_tied"`` the tie holds and save → reload is exact; always
+            the reload checks when saving.
         warnings: risks that remain after a verified merge, each with its fix.
         failures: the checks that failed, in words.
         seconds: wall time of each phase (merge, verify, save, reload).
@@ -81,6 +87,7 @@ class MergeReport:
     probe_shape: list[int] = field(default_factory=list)
     max_abs_logit_diff: float = float("nan")
     logit_tolerance: float = float("nan")
+    logits_match: bool = False
     input_embeddings: list[EmbeddingCheck] = field(default_factory=list)
     tie_flags_after: dict = field(default_factory=dict)
     output_dir: str | None = None
@@ -109,6 +116,12 @@ class MergeReport:
 
 def _shallow_module_copy(m: nn.Module) -> nn.Module:
     new = copy.copy(m)
+    # Instance-level method overrides bound to the original (e.g. TRL 1.16's SFTTrainer patches
+    # ``model.forward`` with a fused LM head closed over the adapter model) would run the original module:
+    # the merged model uses its class's own methods.
+    for key, value in list(vars(m).items()):
+        if getattr(value, "__self__", None) is m:
+            del new.__dict__[key]
     new._parameters = dict(m._parameters)
     new._buffers = dict(m._buffers)
     new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
@@ -154,8 +167,8 @@ def _replacement(bps: list[BaseParameter]) -> nn.Module:
         if p is None:
             continue
         eff = effective_weight(p, parts, attr)
-        if eff.kind == "zero":
-            continue
+        if eff.kind == "zero" and eff.base is p:
+            continue  # untouched: keep the very same Parameter (its ties stay intact)
         value = eff.materialize()
         if not torch.isfinite(value).all():
             raise MergeVerificationError(
@@ -221,6 +234,18 @@ def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report
                     "recorded them as untied so a reload keeps each"
                 )
                 continue
+        if g.status == "tied_not_declared":
+            # transformers does not know these share storage (tie flag False): save_pretrained would drop one
+            # of them and from_pretrained would re-initialise it. Give each member its own storage.
+            for n in names:
+                if n != first_input and _shares_storage(merged.get_parameter(n), merged.get_parameter(first_input)):
+                    p = merged.get_parameter(n)
+                    _set_param(merged, n, nn.Parameter(p.detach().clone(), requires_grad=False))
+            report.actions.append(
+                f"{g.label}: {', '.join(names)} shared storage that the config does not declare tied; gave "
+                f"{', '.join(n for n in names if n != first_input)} its own copy so save → reload keeps it"
+            )
+            continue
         if len(classes) == 1:
             # Equal values: one shared Parameter (re-tie if the merge produced separate equal copies).
             keep = merged.get_parameter(first_input)
@@ -265,6 +290,10 @@ def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report
                 "merged output embedding. Fix: do not call tie_weights() on the merged model, or keep the adapter "
                 "unmerged for this architecture."
             )
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def _keep_tied_value(merged: nn.Module, g: TieGroup, classes: list[list[str]]) -> nn.Parameter:
@@ -383,6 +412,8 @@ def safe_merge_and_unload(
             f"safe_merge_and_unload expects a peft.PeftModel, got {type(peft_model).__name__}. "
             "Fix: pass the model returned by peft.get_peft_model(...) or PeftModel.from_pretrained(...)."
         )
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
     names = list(adapter_names or peft_model.active_adapters)
     unknown = [n for n in names if n not in peft_model.peft_config]
     if unknown:
@@ -393,8 +424,13 @@ def safe_merge_and_unload(
                 f"Adapter {n!r} is a prompt-learning adapter ({peft_model.peft_config[n].peft_type}); it has no "
                 "weights to merge. Fix: keep it as an adapter (PeftModel) for inference."
             )
-    if output_dir is not None and Path(output_dir).exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists. Fix: choose a new output_dir or pass overwrite=True.")
+    if output_dir is not None:
+        out = Path(output_dir)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory. Fix: choose a new output_dir.")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty. Fix: choose a new output_dir or pass "
+                                  "overwrite=True.")
 
     t0 = time.perf_counter()
     dtype = model_dtype(peft_model)
@@ -419,7 +455,9 @@ def safe_merge_and_unload(
         base_params = list(iter_base_parameters(peft_model))
         _refuse_merged_state(base_params)
         config = peft_model.get_base_model().config
-        probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(_vocab_size(config))
+        vocab = _vocab_size(config)
+        probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(vocab)
+        check_probe_ids(probe, vocab)
         report.probe_shape = list(probe.shape)
         adapter_logits = probe_logits(peft_model, probe)
         merged = _build_merged(peft_model, base_params)
@@ -431,6 +469,7 @@ def safe_merge_and_unload(
     merged_logits = probe_logits(merged, probe)
     report.max_abs_logit_diff = max_abs_diff(merged_logits, adapter_logits)
     report.logit_tolerance = logit_tolerance(dtype, float(adapter_logits.abs().max()))
+    report.logits_match = report.max_abs_logit_diff <= report.logit_tolerance
     pre = {bp.name: bp.param for bp in base_params}
     trained = _input_embedding_names(groups)
     report.input_embeddings = [

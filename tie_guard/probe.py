@@ -60,6 +60,21 @@ def make_probe_ids(vocab_size: int, batch: int = 2, seq_len: int = 32, seed: int
     return torch.randint(0, vocab_size, (batch, seq_len), generator=gen).to(device)
 
 
+def check_probe_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ``ValueError`` (naming the fix) unless ``input_ids`` is a non-empty (batch, seq) integer tensor of
+    ids in ``[0, vocab_size)``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"probe_input_ids must be a non-empty (batch, seq) tensor, got {shape}. "
+                         "Fix: pass e.g. tokenizer(texts, return_tensors='pt').input_ids, or leave it None.")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"probe_input_ids must hold integer token ids, got {input_ids.dtype}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"probe_input_ids holds ids in [{lo}, {hi}] but the model's vocabulary is [0, {vocab_size}). "
+                         "Fix: tokenize with the model's own tokenizer (resize embeddings after adding tokens).")
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     was_training = model.training
@@ -72,14 +87,18 @@ def _eval_mode(model: nn.Module):
 
 def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of ``model`` on ``input_ids`` (batch × seq) as float32, shape (batch, seq, vocab), in eval mode
-    (dropout off) and without gradients; the model's train/eval mode is restored afterwards. Encoder–decoder
-    models get ``decoder_input_ids = input_ids``."""
+    (dropout off), without gradients and without mixed-precision wrappers; the model's train/eval mode is
+    restored afterwards. Encoder–decoder models get ``decoder_input_ids = input_ids``."""
     config = getattr(model, "config", None)
     kwargs = {"input_ids": input_ids.to(model_device(model)), "use_cache": False}
     if config is not None and getattr(config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = kwargs["input_ids"]
+    # Call the class's forward, not an instance-level override: accelerate's ``prepare`` replaces
+    # ``model.forward`` with an autocast wrapper (e.g. bf16 autocast under SFTConfig's default bf16=True), which
+    # would make the reference logits depend on the training run's mixed-precision setting.
+    forward = type(model).forward
     with torch.no_grad(), _eval_mode(model):
-        out = model(**kwargs)
+        out = forward(model, **kwargs)
     return out.logits.detach().float().cpu()
 
 

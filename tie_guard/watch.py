@@ -12,7 +12,7 @@ from torch import nn
 from .effective import divergence_sq, effective_weight
 from .events import EventLog
 from .fingerprint import Fingerprint
-from .groups import TieGroup, _storage_key, find_tied_groups, physical_components
+from .groups import TieGroup, find_tied_groups, physical_components
 from .peft_layout import BaseParameter, base_model_of, iter_base_parameters
 
 
@@ -99,6 +99,7 @@ class TieWatcher:
         self._ref_norm: dict[str, float] = {}
         self._pairs: list[tuple[TieGroup, str, str]] = []
         self.last_divergence: dict[str, float] = {}
+        self.last_result: CheckResult | None = None
         self.n_findings = 0
         self.captured = False
 
@@ -148,7 +149,7 @@ class TieWatcher:
         if not self.groups:
             self.events.emit("no_tied_weights", step, "info",
                              "this model has no tied weights; tie_guard has nothing to watch or untie")
-        for level, message in setup_warnings(self.groups, by_name):
+        for level, message in setup_warnings(self.groups, by_name) + stack_warnings(root, base_params):
             self.events.emit("setup_warning", step, level, message)
         return self.groups
 
@@ -202,11 +203,7 @@ class TieWatcher:
                 w_in, w_out = self._watched[n_in].bp, self._watched[n_out].bp
                 e_in = effective_weight(current[n_in], w_in.parts)
                 e_out = effective_weight(current[n_out], w_out.parts)
-                shared = current[n_in] is current[n_out] or (
-                    _storage_key(current[n_in]) is not None
-                    and _storage_key(current[n_in]) == _storage_key(current[n_out])
-                )
-                d = math.sqrt(max(float(divergence_sq(e_out, e_in, shared)), 0.0))
+                d = math.sqrt(max(float(divergence_sq(e_out, e_in)), 0.0))
                 rel = d / self._ref_norm[g.label] if self._ref_norm[g.label] > 0 else d
                 res.divergence[g.label] = rel
                 if not math.isfinite(rel) or (
@@ -219,6 +216,7 @@ class TieWatcher:
                     ))
         res.seconds = time.perf_counter() - t0
         self.last_divergence = dict(res.divergence)
+        self.last_result = res
         self.n_findings += len(res.findings)
         if emit:
             metrics = {f"divergence/{k}": v for k, v in res.divergence.items()}
@@ -307,4 +305,41 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter]) ->
                         f"members of a tied group are trained separately ({desc}): they will no longer be one "
                         "matrix. Fix: pass ensure_weight_tying=True to LoraConfig to share one delta, or merge with "
                         "tie_guard's 'untie' to keep both exactly."))
+    return out
+
+
+def _trl_fused_lm_head(root: nn.Module) -> bool:
+    """True when TRL's ``add_fused_lm_head`` (trl 1.16, SFTTrainer) patched ``root.forward``: the loss is then
+    computed from ``get_output_embeddings().weight`` directly, bypassing the head module's own forward."""
+    fwd = root.__dict__.get("forward")
+    code = getattr(getattr(fwd, "__func__", fwd), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward"
+
+
+def stack_warnings(root: nn.Module, base_params: list[BaseParameter]) -> list[tuple[str, str]]:
+    """Errors for PEFT layouts that fail or silently train the wrong thing, each with its fix."""
+    out = []
+    seen = set()
+    fused = _trl_fused_lm_head(root)
+    out_mod = getattr(root, "get_output_embeddings", lambda: None)()
+    for bp in base_params:
+        if not bp.parts or bp.module_path in seen:
+            continue
+        seen.add(bp.module_path)
+        kinds = [p.kind for p in bp.parts]
+        if kinds[:2] == ["trainable_tokens", "modules_to_save"]:
+            out.append(("error",
+                        f"{bp.module_path}: PEFT wraps trainable tokens around a modules_to_save copy "
+                        f"({', '.join(p.describe() for p in bp.parts)}); PEFT 0.21 cannot run that layer's forward "
+                        "('TrainableTokensLayer wraps an unknown layer type'). TRL's SFTTrainer builds it when "
+                        "clone_chat_template adds tokens to a tied model. Fix: add the tokens yourself "
+                        "(tokenizer.add_special_tokens + model.resize_token_embeddings) and train "
+                        "modules_to_save=['embed_tokens','lm_head'] with ensure_weight_tying=True, or only "
+                        "trainable_token_indices."))
+        elif fused and bp.parts[0].wrapper is out_mod and kinds[0] == "trainable_tokens":
+            out.append(("error",
+                        f"{bp.module_path}: TRL's fused LM head computes the loss from "
+                        f"{bp.module_path}.weight directly, so the trainable-token rows of the output embedding "
+                        "are bypassed (and trl 1.16 fails reading its bias). Fix: put the head in "
+                        "modules_to_save (ensure_weight_tying=True on a tied model) instead of trainable tokens."))
     return out

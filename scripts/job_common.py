@@ -1,0 +1,87 @@
+"""Pieces shared by the training scripts: the end-of-run summary and the reload-and-generate demo."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tie_guard import find_tied_groups
+from tie_guard.probe import make_probe_ids, max_abs_diff, probe_logits
+
+
+def offline_wandb_defaults(output_dir: str) -> None:
+    """W&B offline and inside the run's output dir unless the user's environment says otherwise."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def plain_peft_merge_numbers(peft_model, probe) -> dict:
+    """What PEFT's own merge_and_unload() does on a deep copy: input-embedding change and logit difference."""
+    clone = copy.deepcopy(peft_model)
+    emb = clone.get_base_model().get_input_embeddings()
+    emb_before = (emb.weight if hasattr(emb, "weight") else emb.original_module.weight).detach().clone()
+    adapter = probe_logits(clone, probe)
+    merged = clone.merge_and_unload()
+    emb_after = merged.get_input_embeddings().weight.detach()
+    return {
+        "input_embedding_rows_changed": int((emb_after != emb_before).any(dim=1).sum()),
+        "input_embedding_max_abs_change": float((emb_after - emb_before).abs().max()),
+        "max_abs_logit_diff": max_abs_diff(probe_logits(merged, probe), adapter),
+    }
+
+
+def summarize(model, guard, compare_plain_merge: bool) -> dict:
+    summary = {
+        "groups": [row for g in find_tied_groups(model) for row in g.as_rows()],
+        "final_divergence": guard.watcher.last_divergence if guard.watcher else {},
+        "status": guard.status,
+    }
+    report = guard.merge_report
+    if report is not None:
+        summary["tie_guard_merge"] = {
+            "max_abs_logit_diff": report.max_abs_logit_diff,
+            "logit_tolerance": report.logit_tolerance,
+            "reload_max_abs_logit_diff": report.reload_max_abs_logit_diff,
+            "input_embeddings": [vars(e) for e in report.input_embeddings],
+            "input_embeddings_bit_identical": report.input_embeddings_bit_identical,
+            "actions": report.actions,
+            "merged_dir": report.output_dir,
+        }
+    if compare_plain_merge:
+        cfg = model.get_base_model().config
+        vocab = getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
+        probe = make_probe_ids(vocab, guard.config.probe_batch_size, guard.config.probe_seq_len)
+        summary["plain_peft_merge"] = plain_peft_merge_numbers(model, probe)
+    return summary
+
+
+def generate_from(model_dir: str, prompt: str, max_new_tokens: int, dtype) -> dict:
+    """Reload a saved (merged) model and answer ``prompt`` greedily with its chat template."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return {"prompt": prompt, "answer": tok.decode(new, skip_special_tokens=True).strip(),
+            "raw": tok.decode(new, skip_special_tokens=False), "new_tokens": int(new.numel())}
+
+
+def finish(summary: dict, output_dir: str, prompt: str, max_new_tokens: int, dtype) -> dict:
+    """Print the summary, reload the merged model and generate, write summary.json."""
+    print("\n==== tie_guard summary ====")
+    print(json.dumps(summary, indent=2, default=str))
+    merged_dir = summary.get("tie_guard_merge", {}).get("merged_dir")
+    if merged_dir:
+        gen = generate_from(merged_dir, prompt, max_new_tokens, dtype)
+        print(f"\nreloaded merged model from {merged_dir}\n> {prompt}\n{gen['answer'] or gen['raw']}")
+        summary["generation"] = gen
+    Path(output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
