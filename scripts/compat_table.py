@@ -1,0 +1,43 @@
+"""Render the README compatibility table from the numbers the setup-matrix tests measured.
+
+    TIE_GUARD_RESULTS=results .venv/bin/python -m pytest tests/test_setups.py -k merge_matrix
+    .venv/bin/python scripts/compat_table.py results/compat.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _f(x: float) -> str:
+    return f"{x:.1e}" if x < 0.01 else f"{x:.2f}"
+
+
+def render(rows: list[dict]) -> str:
+    head = ("| setup (tiny tied Llama, vocab 256) | plain PEFT merge: input-emb rows changed | plain PEFT: max abs logit diff "
+            "| tie_guard `untie`: input-emb rows changed | `untie`: max abs logit diff (after reload) | `untie`: tied after? "
+            "| `keep_tied`: max abs logit diff |")
+    out = [head, "|" + "---|" * 7]
+    for r in rows:
+        p, u, k = r["plain"], r["untie"], r["keep_tied"]
+        trains = " (adapter trains it)" if u["adapter_trains_input"] else ""
+        keep = "refused (sides differ)" if k["outcome"] == "refused" else _f(k["logit_diff"])
+        out.append(
+            f"| {r['setup']} | {p['embed_rows_changed']} | {_f(p['logit_diff'])} | {u['embed_rows_changed']}{trains} "
+            f"| {_f(u['logit_diff'])} ({_f(u['reload_logit_diff'])}) | {'yes' if u['tied_after'] else 'no'} | {keep} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="compat.jsonl written by tests/test_setups.py")
+    args = ap.parse_args(argv)
+    with open(args.results) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
