@@ -37,6 +37,9 @@ class DataArguments:
         default=True,
         metadata={"help": "Also run PEFT's plain merge_and_unload() on a copy and print its numbers beside ours."},
     )
+    save_adapter: bool = field(
+        default=True, metadata={"help": "Save the trained adapter to <output_dir>/adapter (for `tie-guard merge`)."}
+    )
 
 
 def main(argv=None):
@@ -68,6 +71,8 @@ def main(argv=None):
         callbacks=[guard],
     )
     trainer.train()
+    if data_args.save_adapter:
+        trainer.save_model(str(Path(training_args.output_dir) / "adapter"))  # the adapter model is left intact
 
     summary = summarize(model, guard, data_args.compare_plain_merge)
     return finish(summary, training_args.output_dir, data_args.prompt, data_args.max_new_tokens, dtype)

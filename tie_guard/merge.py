@@ -361,6 +361,7 @@ def safe_merge_and_unload(
     overwrite: bool = False,
     probe_input_ids: torch.Tensor | None = None,
     verify_reload: bool = True,
+    progress=None,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge a PEFT adapter so that tied input embeddings are preserved, and verify the result.
 
@@ -395,6 +396,8 @@ def safe_merge_and_unload(
         overwrite: replace an existing ``output_dir`` (atomically, after verification).
         probe_input_ids: (batch, seq) token ids to verify on; default a seeded random batch.
         verify_reload: reload from ``output_dir`` and check again (ignored without ``output_dir``).
+        progress: optional callable receiving each phase name as it starts (``"merge"``, ``"verify"``,
+            ``"save"``, ``"reload"``), e.g. to drive a progress bar.
     Returns:
         ``(merged_model, report)``; ``merged_model`` is a plain transformers model of the base model's class.
     Raises:
@@ -432,6 +435,8 @@ def safe_merge_and_unload(
             raise FileExistsError(f"{out} already exists and is not empty. Fix: choose a new output_dir or pass "
                                   "overwrite=True.")
 
+    phase = progress or (lambda name: None)
+    phase("merge")
     t0 = time.perf_counter()
     dtype = model_dtype(peft_model)
     groups = find_tied_groups(peft_model)
@@ -465,6 +470,7 @@ def safe_merge_and_unload(
     report.tie_flags_after = tie_flags(merged.config)
     report.seconds["merge"] = time.perf_counter() - t0
 
+    phase("verify")
     t1 = time.perf_counter()
     merged_logits = probe_logits(merged, probe)
     report.max_abs_logit_diff = max_abs_diff(merged_logits, adapter_logits)
@@ -489,7 +495,7 @@ def safe_merge_and_unload(
 
     if output_dir is not None:
         _save_and_check(merged, merged_logits, probe, tokenizer, Path(output_dir), overwrite,
-                        verify_reload, report)
+                        verify_reload, report, phase)
     report.verified = True
     return merged, report
 
@@ -551,7 +557,8 @@ def _failure_message(report: MergeReport) -> str:
 
 
 def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrite: bool, verify_reload: bool,
-                    report: MergeReport) -> None:
+                    report: MergeReport, phase) -> None:
+    phase("save")
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -559,6 +566,7 @@ def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrit
             tokenizer.save_pretrained(tmp)
         report.seconds["save"] = time.perf_counter() - t0
         if verify_reload:
+            phase("reload")
             t1 = time.perf_counter()
             reloaded = type(merged).from_pretrained(tmp, dtype=model_dtype(merged))
             report.reload_max_abs_logit_diff = max_abs_diff(probe_logits(reloaded, probe), merged_logits)

@@ -1,0 +1,148 @@
+"""Audit a merged checkpoint made by any tool against its base (and optionally its adapter)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .groups import find_tied_groups
+from .probe import logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
+from .tie_config import tie_flags
+
+#: Architectures whose common runtimes/converters always tie the output head to the input embedding
+#: (llama.cpp's Gemma graphs read the head from ``token_embd``; GGUF converters for Gemma drop ``lm_head``).
+HEAD_ALWAYS_TIED = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+
+
+@dataclass
+class AuditReport:
+    """Findings of :func:`audit_checkpoint`. ``sound`` is False when any ``problems`` were found.
+
+    Attributes:
+        input_embedding_rows_changed: vocabulary rows of the input embedding that differ from the base.
+        input_embedding_max_abs_change: largest |Δ| of any input-embedding element.
+        changed_tokens: up to 10 most-changed rows as ``{"id", "token", "max_abs_change"}``.
+        tie_flags: ``tie_word_embeddings`` per config level of the checkpoint.
+        stored_keys: whether the checkpoint stores the input and output embedding tensors.
+        max_abs_logit_diff / logit_tolerance: merged vs base + adapter (with an adapter only).
+        runtimes: what common runtimes will do with the checkpoint, in words.
+        problems: each problem with its fix; empty when sound.
+    """
+
+    merged: str
+    base: str
+    adapter: str | None = None
+    input_embedding_rows_changed: int = 0
+    input_embedding_max_abs_change: float = 0.0
+    adapter_trains_input_embedding: bool | None = None
+    changed_tokens: list = field(default_factory=list)
+    tie_flags: dict = field(default_factory=dict)
+    stored_keys: dict = field(default_factory=dict)
+    max_abs_logit_diff: float | None = None
+    logit_tolerance: float | None = None
+    runtimes: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+
+    @property
+    def sound(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sound": self.sound}
+
+
+def _stored_keys(merged_dir: Path) -> set[str]:
+    keys: set[str] = set()
+    for f in sorted(merged_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            keys |= set(st.keys())
+    return keys
+
+
+def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_model=None, adapter_dir=None) -> AuditReport:
+    """Compare a loaded merged checkpoint with its base (and base + adapter).
+
+    Args:
+        merged_dir: the checkpoint directory (its safetensors keys and config are read).
+        merged / base: the loaded models (not modified).
+        tokenizer: used to name changed tokens.
+        adapter_model: the base wrapped with the adapter (a ``PeftModel``), or ``None``.
+    """
+    rep = AuditReport(merged=str(merged_dir), base=str(getattr(base, "name_or_path", "")), adapter=adapter_dir)
+    e_m = merged.get_input_embeddings().weight.detach()
+    e_b = base.get_input_embeddings().weight.detach()
+    if e_m.shape != e_b.shape:
+        rep.problems.append(f"input embedding shape {tuple(e_m.shape)} differs from the base's {tuple(e_b.shape)} "
+                            "(resized vocabulary?). Fix: verify against the resized base the adapter was trained on.")
+    else:
+        diff = (e_m.float() - e_b.float()).abs().amax(dim=1)
+        rep.input_embedding_rows_changed = int((diff > 0).sum())
+        rep.input_embedding_max_abs_change = float(diff.max()) if diff.numel() else 0.0
+        top = torch.argsort(diff, descending=True)[: min(10, rep.input_embedding_rows_changed)]
+        rep.changed_tokens = [
+            {"id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else None,
+             "max_abs_change": float(diff[i])} for i in top
+        ]
+    if adapter_model is not None:
+        groups = find_tied_groups(adapter_model)
+        rep.adapter_trains_input_embedding = any(m.touched_by for g in groups for m in g.input_members)
+    if rep.input_embedding_rows_changed and not rep.adapter_trains_input_embedding:
+        rep.problems.append(
+            f"input embeddings changed in {rep.input_embedding_rows_changed} of {e_b.shape[0]} rows (max |Δ| "
+            f"{rep.input_embedding_max_abs_change:.3g})"
+            + (" although the adapter does not train them" if adapter_model is not None else "")
+            + ": a plain merge wrote an output-embedding delta into a tied matrix. Fix: re-merge from the adapter "
+            "with `tie-guard merge` (tie_policy untie)."
+        )
+
+    cfg = json.loads((Path(merged_dir) / "config.json").read_text())
+    rep.tie_flags = tie_flags(merged.config)
+    keys = _stored_keys(Path(merged_dir))
+    in_name = _param_name(merged, merged.get_input_embeddings())
+    out_mod = merged.get_output_embeddings()
+    out_name = _param_name(merged, out_mod) if out_mod is not None else None
+    rep.stored_keys = {in_name: in_name in keys, **({out_name: out_name in keys} if out_name else {})}
+    says_tied = any(rep.tie_flags.values())
+    head_differs = out_name is not None and not torch.equal(out_mod.weight, merged.get_input_embeddings().weight)
+    if out_name and not says_tied and out_name not in keys:
+        rep.problems.append(f"config says untied but {out_name} is not stored: from_pretrained will initialise it "
+                            "randomly. Fix: save with tie_word_embeddings=True or store the head.")
+    if out_name and says_tied and out_name in keys and head_differs:
+        rep.problems.append(
+            f"config says tied ({', '.join(k for k, v in rep.tie_flags.items() if v)}) but {out_name} is stored "
+            "with values different from the input embedding: transformers ≥ 5.4 keeps both (with a warning), older "
+            "versions and any later tie_weights() (resize_token_embeddings, FSDP2 prepare) replace it by the input "
+            "embedding. Fix: set tie_word_embeddings=False on every config level (tie-guard merge does).")
+    model_type = cfg.get("text_config", {}).get("model_type", cfg.get("model_type"))
+    if head_differs and model_type in HEAD_ALWAYS_TIED:
+        rep.runtimes.append(
+            f"{model_type}: llama.cpp/GGUF converters always tie Gemma's head to the input embedding, so the merged "
+            f"{out_name} is dropped there and the model will compute a different function than in transformers.")
+    elif head_differs:
+        rep.runtimes.append("untied head stored separately: runtimes that read lm_head (transformers, vLLM, "
+                            "llama.cpp with output.weight) use the merged head.")
+    else:
+        rep.runtimes.append("head equals the input embedding: tied and untied runtimes compute the same.")
+
+    if adapter_model is not None:
+        vocab = e_m.shape[0]
+        probe = make_probe_ids(vocab)
+        ref = probe_logits(adapter_model, probe)
+        rep.max_abs_logit_diff = max_abs_diff(probe_logits(merged, probe), ref)
+        rep.logit_tolerance = logit_tolerance(model_dtype(merged), float(ref.abs().max()))
+        if rep.max_abs_logit_diff > rep.logit_tolerance:
+            rep.problems.append(f"merged logits differ from base + adapter by {rep.max_abs_logit_diff:.3g} "
+                                f"(tolerance {rep.logit_tolerance:.3g}): the checkpoint is not the trained model. "
+                                "Fix: re-merge with `tie-guard merge`.")
+    return rep
+
+
+def _param_name(model, module) -> str:
+    for name, mod in model.named_modules():
+        if mod is module:
+            return f"{name}.weight"
+    return "?"

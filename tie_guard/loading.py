@@ -1,0 +1,68 @@
+"""Load what the CLI is pointed at: a packaged model name, a local checkpoint, a GGUF file or a hub id, plus an
+optional PEFT adapter directory. Everything is opened read-only; nothing is written next to the inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def load_model(source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """``(model, tokenizer_or_None)`` from a packaged model name, a checkpoint directory, a ``.gguf`` file or a
+    hub id (hub ids need network access, which this library never assumes).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .packaged import PACKAGED_MODELS, load_gguf, resolve_model_path
+
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"GGUF file {source} not found")
+        return load_gguf(source, dtype or torch.float32)
+    if source not in PACKAGED_MODELS and (source.startswith((".", "/", "~")) or Path(source).exists()):
+        if not Path(source).expanduser().is_dir():
+            raise FileNotFoundError(f"model directory {source} not found")
+    path = resolve_model_path(source)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tok = None
+    return model.eval(), tok
+
+
+def load_adapter(model, adapter_dir: str):
+    """Wrap ``model`` with the PEFT adapter stored in ``adapter_dir`` (inference mode; files only read).
+
+    Raises:
+        FileNotFoundError: ``adapter_dir`` has no ``adapter_config.json``.
+    """
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+
+
+def load_tokenizer(*dirs: str):
+    """The first tokenizer found in ``dirs`` (adapter dirs often carry the tokenizer with added tokens)."""
+    from transformers import AutoTokenizer
+
+    for d in dirs:
+        if d and Path(d).is_dir() and any((Path(d) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(d)
+    return None
