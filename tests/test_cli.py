@@ -139,3 +139,16 @@ def test_report_png(tmp_path):
     rgb = img[..., :3]
     assert rgb.std() > 0.05  # not blank
     assert (rgb < 0.5).mean() > 0.005  # lines and text drawn
+
+
+@pytest.mark.integration
+def test_benchmark_smoke(tmp_path):
+    """The benchmark is not a timed test: CI only checks that it runs (tiny models) and prints its table."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"),
+                           "--smoke", "--out", str(tmp_path / "bench.json")], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| tie_guard check, % of step |" in proc.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["models"]) == {"smollm2-135m-instruct", "gemma-3-270m"}
+    assert result["job"]["tie_guard_s"] > 0

@@ -118,3 +118,12 @@ def test_no_tied_weights_is_a_quiet_noop():
     assert [e.event for e in ev.events] == ["capture", "no_tied_weights"]
     assert all(e.level == "info" for e in ev.events)
     assert w.check(1).ok
+
+
+def test_cheap_check_catches_nan_within_one_rotation_without_divergence():
+    pm, w = _watched_lora()
+    assert w.check(1, divergence=False).divergence == {}
+    with torch.no_grad():
+        pm.get_base_model().lm_head.lora_B["default"].weight[-1, -1] = float("inf")
+    kinds = [f.kind for f in w.check(2, divergence=False).findings]  # tiny adapter: one slice covers it
+    assert kinds == ["nonfinite"]

@@ -68,13 +68,16 @@ class TieGuardCallback(TrainerCallback):
         every = self.config.check_every
         if self.watcher is None or every <= 0 or state.global_step % every != 0:
             return
-        self._handle(self.watcher.check(state.global_step), state, control)
+        div_every = self.config.divergence_every or every
+        res = self.watcher.check(state.global_step, divergence=state.global_step % div_every == 0)
+        self._handle(res, state, control)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.watcher is None:
             return
         last = self.watcher.last_result
-        res = last if last is not None and last.step == state.global_step else self.watcher.check(state.global_step)
+        reuse = last is not None and last.step == state.global_step and last.divergence
+        res = last if reuse else self.watcher.check(state.global_step)
         self._handle(res, state, control, final=True)
         summary = {"status": self.status, "breaks": self.watcher.n_findings, "groups": len(self.watcher.groups)}
         summary.update({f"divergence/{k}": v for k, v in res.divergence.items()})

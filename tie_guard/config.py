@@ -21,6 +21,11 @@ class TieGuardConfig:
     check_every: int = field(
         default=10, metadata={"help": "Run the tie checks every N optimizer steps (0 = only at train begin/end)."}
     )
+    divergence_every: int = field(
+        default=0,
+        metadata={"help": "Compute the exact divergence metric every N steps (0 = at every check). The tie, frozen "
+                  "and NaN checks stay at check_every; divergence costs O(vocab · r²) for a LoRA head."},
+    )
     on_break: str = field(
         default="warn",
         metadata={"help": "What to do when a watched tie breaks: 'warn' (log), 'stop' (end training), 'raise'."},
@@ -62,5 +67,7 @@ class TieGuardConfig:
         if self.probe_batch_size < 1 or self.probe_seq_len < 1:
             raise ValueError(f"probe_batch_size and probe_seq_len must be >= 1, got {self.probe_batch_size} and "
                              f"{self.probe_seq_len}")
+        if self.divergence_every < 0:
+            raise ValueError(f"divergence_every must be >= 0, got {self.divergence_every}")
         if self.check_every < 0:
             raise ValueError(f"check_every must be >= 0 (0 disables periodic checks), got {self.check_every}")

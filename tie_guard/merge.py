@@ -75,7 +75,8 @@ class MergeReport:
             the reload checks when saving.
         warnings: risks that remain after a verified merge, each with its fix.
         failures: the checks that failed, in words.
-        seconds: wall time of each phase (merge, verify, save, reload).
+        seconds: wall time of each phase: ``probe_adapter`` (adapter logits on the probe), ``merge`` (building
+            the merged model and resolving ties), ``verify``, ``save``, ``reload``.
     """
 
     tie_policy: str
@@ -464,11 +465,13 @@ def safe_merge_and_unload(
         probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(vocab)
         check_probe_ids(probe, vocab)
         report.probe_shape = list(probe.shape)
+        t_probe = time.perf_counter()
         adapter_logits = probe_logits(peft_model, probe)
+        report.seconds["probe_adapter"] = time.perf_counter() - t_probe
         merged = _build_merged(peft_model, base_params)
     _resolve_ties(merged, groups, tie_policy, report)
     report.tie_flags_after = tie_flags(merged.config)
-    report.seconds["merge"] = time.perf_counter() - t0
+    report.seconds["merge"] = time.perf_counter() - t0 - report.seconds["probe_adapter"]
 
     phase("verify")
     t1 = time.perf_counter()

@@ -1,0 +1,279 @@
+"""Cost of tie_guard, side by side with the alternatives, on real Gemma-3-270M and SmolLM2-135M-Instruct.
+
+    .venv/bin/python scripts/benchmark.py [--out benchmark.json] [--repeats 5]
+    .venv/bin/python scripts/benchmark.py --smoke          # CI: tiny random models, checks that it runs
+
+Prints a markdown table and writes JSON. Every figure is the median of ``--repeats`` runs with [min, max]:
+
+1. watch cost per check at check_every=1 as % of a real LoRA training step (r=16 on lm_head + q_proj + v_proj,
+   batch 2 × 128 tokens of real chats), for tie_guard's constant-cost check, for its check with the exact
+   divergence metric, and for a naive guard (clone the shared weight at start, ``torch.equal`` each step);
+2. merge wall time and peak extra resident memory (process RSS sampled every 2 ms, in a fresh subprocess per
+   variant, as a multiple of the head matrix's bytes): PEFT ``merge_and_unload`` vs naive clone-then-merge vs
+   tie_guard's merge phase (and its full verified merge);
+3. fingerprint throughput vs a plain copy of the same tensor;
+4. tie_guard's share of a short real training job's wall time (SmolLM2, 10 steps, callback defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt(s: dict, scale: float = 1.0, digits: int = 3) -> str:
+    return f"{s['median'] * scale:.{digits}g} [{s['min'] * scale:.{digits}g}, {s['max'] * scale:.{digits}g}]"
+
+
+# ------------------------------------------------------------------------------------------------- models
+def load(name: str, smoke: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if smoke:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import tiny_model
+
+        return tiny_model("gemma2" if "gemma" in name else "llama_tied"), None
+    from tie_guard.packaged import packaged_checkpoint
+
+    path = packaged_checkpoint(name)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["lm_head", "q_proj", "v_proj"]))
+
+
+def batches(tok, vocab: int, n: int, smoke: bool):
+    if smoke or tok is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab, (2, 16), generator=g) for _ in range(n)]
+    from tie_guard.packaged import chitchat_conversations
+
+    texts = ["\n".join(m["content"] for m in c) for c in chitchat_conversations(4 * n)]
+    ids = tok(texts, truncation=True, max_length=128, padding="max_length", return_tensors="pt")["input_ids"]
+    return [ids[2 * i: 2 * i + 2] for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------- 1. watch cost
+def bench_watch(name: str, repeats: int, smoke: bool) -> dict:
+    from tie_guard import TieWatcher
+    from tie_guard.events import EventLog
+
+    model, tok = load(name, smoke)
+    pm = lora(model)
+    vocab = model.config.get_text_config().vocab_size
+    data = batches(tok, vocab, repeats + 1, smoke)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    watcher = TieWatcher(pm, EventLog())
+    watcher.capture()
+    shared = pm.get_base_model().get_input_embeddings().weight
+    t = time.perf_counter()
+    naive_ref = shared.detach().clone()  # the naive guard's one-time capture
+    naive_capture = time.perf_counter() - t
+    step, cheap, full, naive = [], [], [], []
+    pm.train()
+    for i, ids in enumerate(data):
+        t = time.perf_counter()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t
+        t = time.perf_counter()
+        res = watcher.check(i + 1, emit=False, divergence=False)
+        dc = time.perf_counter() - t
+        t = time.perf_counter()
+        watcher.check(i + 1, emit=False, divergence=True)
+        dd = time.perf_counter() - t
+        t = time.perf_counter()
+        ok = torch.equal(shared, naive_ref)
+        dn = time.perf_counter() - t
+        assert res.ok and ok
+        if i:  # first step warms up
+            step.append(dt), cheap.append(dc), full.append(dd), naive.append(dn)
+    head = pm.get_base_model().lm_head.base_layer.weight
+    return {"model": name, "vocab": vocab, "hidden": head.shape[1], "head_bytes": head.numel() * head.element_size(),
+            "step_s": stats(step), "check_s": stats(cheap), "check_with_divergence_s": stats(full),
+            "naive_check_s": stats(naive), "naive_capture_s": naive_capture}
+
+
+# ------------------------------------------------------------------------------------------------- 2. merge
+MERGE_CHILD = r'''
+import json, sys, threading, time, torch, copy
+sys.path.insert(0, {scripts!r})
+from benchmark import load, lora
+variant, name, smoke = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+model, _ = load(name, smoke)
+pm = lora(model)
+with torch.no_grad():
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 1e-3)  # a trained-looking, non-zero adapter
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+import gc; gc.collect()
+peak = [rss()]; start = peak[0]; stop = [False]
+def sample():
+    while not stop[0]:
+        peak[0] = max(peak[0], rss()); time.sleep(0.002)
+th = threading.Thread(target=sample, daemon=True); th.start()
+t = time.perf_counter()
+extra = {{}}
+if variant == "peft":
+    merged = pm.merge_and_unload()
+elif variant == "naive":
+    head = pm.get_base_model().lm_head
+    head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)
+    merged = pm.merge_and_unload()
+else:
+    from tie_guard import safe_merge_and_unload
+    merged, rep = safe_merge_and_unload(pm)
+    extra = {{k: v for k, v in rep.seconds.items()}}
+dt = time.perf_counter() - t
+stop[0] = True; th.join()
+print(json.dumps({{"seconds": dt, "peak_extra_bytes": peak[0] - start, **extra}}))
+'''
+
+
+def bench_merge(name: str, repeats: int, smoke: bool, head_bytes: int) -> dict:
+    code = MERGE_CHILD.format(scripts=str(ROOT / "scripts"))
+    out = {}
+    for variant in ("peft", "naive", "tie_guard"):
+        runs = []
+        for _ in range(repeats):
+            proc = subprocess.run([sys.executable, "-c", code, variant, name, "1" if smoke else "0"],
+                                  capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        out[variant] = {
+            "seconds": stats([r["seconds"] for r in runs]),
+            "peak_extra_x_head": stats([r["peak_extra_bytes"] / head_bytes for r in runs]),
+        }
+        if variant == "tie_guard":
+            out[variant]["merge_phase_seconds"] = stats([r["merge"] for r in runs])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- 3. fingerprint
+def bench_fingerprint(name: str, repeats: int, smoke: bool) -> dict:
+    from tie_guard.fingerprint import Fingerprint
+
+    model, _ = load(name, smoke)
+    w = model.get_input_embeddings().weight.detach()
+    nbytes = w.numel() * w.element_size()
+    fp, cp = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        Fingerprint(w)
+        fp.append(nbytes / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        w.clone()
+        cp.append(nbytes / (time.perf_counter() - t) / 1e9)
+    return {"fingerprint_GBps": stats(fp), "copy_GBps": stats(cp),
+            "ratio": stats([a / b for a, b in zip(fp, cp)])}
+
+
+# ------------------------------------------------------------------------------------------------- 4. job share
+def bench_job(smoke: bool, out_dir: Path) -> dict:
+    from tie_guard.events import read_events
+
+    run = out_dir / "bench_job"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_lora.py"), "--config", str(ROOT / "configs" / "smollm2_lora.yaml"),
+           "--output_dir", str(run), "--max_steps", "2" if smoke else "10", "--max_conversations", "40",
+           "--compare_plain_merge", "false", "--save_adapter", "false", "--report_to", "none"]
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "WANDB_MODE": "offline"})
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    ev = read_events(run / "tie_guard_events.jsonl")
+    guard = sum(e["metrics"].get("capture_seconds", 0) + e["metrics"].get("check_seconds", 0)
+                + e["metrics"].get("merge/seconds", 0) for e in ev if e.get("metrics"))
+    merge = sum(e["metrics"].get("merge/seconds", 0) for e in ev if e.get("metrics"))
+    return {"wall_s": wall, "tie_guard_s": guard, "merge_s": merge, "share": guard / wall}
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny random models, one repeat: checks the script runs")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="outputs/benchmark.json")
+    args = ap.parse_args(argv)
+    repeats = 1 if args.smoke else args.repeats
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    models = ["smollm2-135m-instruct", "gemma-3-270m"]
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads", "smoke": args.smoke, "models": {}}
+    for name in models:
+        w = bench_watch(name, max(repeats, 3) if not args.smoke else 2, args.smoke)
+        w["merge"] = bench_merge(name, repeats if not args.smoke else 1, args.smoke, w["head_bytes"])
+        w["fingerprint"] = bench_fingerprint(name, repeats, args.smoke)
+        result["models"][name] = w
+    result["job"] = bench_job(args.smoke, out.parent)
+    out.write_text(json.dumps(result, indent=2))
+    print(render(result))
+    print(f"\nJSON: {out}")
+
+
+def render(r: dict) -> str:
+    m = r["models"]
+    names = list(m)
+    lines = [f"Measured {r['date']} on {r['machine']}{' (SMOKE: tiny models)' if r['smoke'] else ''}; "
+             "median [min, max].", "",
+             "| figure | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+
+    def row(label, target, f):
+        lines.append(f"| {label} | {target} | " + " | ".join(f(m[n]) for n in names) + " |")
+
+    row("vocab × hidden", "", lambda x: f"{x['vocab']} × {x['hidden']}")
+    row("LoRA training step (s)", "", lambda x: fmt(x["step_s"]))
+    row("tie_guard check, % of step", "≤ 0.5 %", lambda x: fmt({k: v / x["step_s"]["median"] * 100 if k != "n" else v
+                                                                for k, v in x["check_s"].items()}) + " %")
+    row("tie_guard check (ms)", "flat in vocab", lambda x: fmt(x["check_s"], 1e3))
+    row("check + exact divergence (ms)", "", lambda x: fmt(x["check_with_divergence_s"], 1e3))
+    row("naive guard: torch.equal per step (ms)", "", lambda x: fmt(x["naive_check_s"], 1e3))
+    row("merge time: PEFT merge_and_unload (s)", "", lambda x: fmt(x["merge"]["peft"]["seconds"]))
+    row("merge time: tie_guard merge phase (s)", "≤ 1.0 × PEFT", lambda x: fmt(x["merge"]["tie_guard"]["merge_phase_seconds"]))
+    row("merge time: tie_guard incl. verification (s)", "", lambda x: fmt(x["merge"]["tie_guard"]["seconds"]))
+    row("merge time: naive clone-then-merge (s)", "", lambda x: fmt(x["merge"]["naive"]["seconds"]))
+    row("peak extra RSS × head bytes: PEFT", "", lambda x: fmt(x["merge"]["peft"]["peak_extra_x_head"]))
+    row("peak extra RSS × head bytes: tie_guard", "≤ 1.1 ×", lambda x: fmt(x["merge"]["tie_guard"]["peak_extra_x_head"]))
+    row("peak extra RSS × head bytes: naive", "", lambda x: fmt(x["merge"]["naive"]["peak_extra_x_head"]))
+    row("fingerprint GB/s (vs copy GB/s)", "≥ 0.5 × copy", lambda x: f"{fmt(x['fingerprint']['fingerprint_GBps'])} "
+        f"({fmt(x['fingerprint']['copy_GBps'])}) = {x['fingerprint']['ratio']['median']:.2f} ×")
+    a, b = m[names[1]]["check_s"]["median"], m[names[0]]["check_s"]["median"]
+    lines.append(f"| check cost {names[1]} / {names[0]} | ≤ 1.2 × | {a / b:.2f} × | |")
+    j = r["job"]
+    lines.append(f"| tie_guard share of a 10-step SmolLM2 job | ≤ 5 % | {j['share'] * 100:.2f} % "
+                 f"({j['tie_guard_s']:.1f} s of {j['wall_s']:.0f} s; merge+verify {j['merge_s']:.1f} s) | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
