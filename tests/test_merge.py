@@ -179,3 +179,16 @@ def test_keep_tied_reports_logits_do_not_match_but_is_verified():
 def test_non_peft_model_is_a_type_error():
     with pytest.raises(TypeError, match="peft.get_peft_model"):
         safe_merge_and_unload(tiny_model("gemma2"))
+
+
+def test_inplace_merges_untied_layers_in_place_and_still_unties_the_head(tmp_path):
+    pm, base_embed = _lm_head_lora()
+    probe = make_probe_ids(VOCAB)
+    adapter_logits = probe_logits(pm, probe)
+    q_before = pm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    merged, report = safe_merge_and_unload(pm, inplace=True, probe_input_ids=probe)
+    assert report.verified and report.max_abs_logit_diff <= FP32_TOL
+    assert merged.model.layers[0].self_attn.q_proj.weight is q_before  # merged in place, no copy
+    assert torch.equal(merged.get_input_embeddings().weight, base_embed)  # tied head never written in place
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert (probe_logits(merged, probe) - adapter_logits).abs().max().item() <= FP32_TOL

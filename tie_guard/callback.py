@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .atomic import write_json_atomic
 from .config import TieGuardConfig
@@ -18,7 +19,7 @@ from .wandb_sink import resolve_wandb
 from .watch import TieWatcher
 
 
-class TieGuardCallback(TrainerCallback):
+class TieGuardCallback(TrainerCallback, ExportableState):
     """Guard tied weights through a ``transformers.Trainer`` (or TRL trainer) run.
 
     * ``on_train_begin``: capture tie groups (by storage, through PEFT wrappers), fingerprint frozen shared
@@ -29,6 +30,11 @@ class TieGuardCallback(TrainerCallback):
       ``tie_policy``, saved under ``<output_dir>/<merged_dir>`` with the tokenizer (report inside it and at
       ``<output_dir>/tie_guard_merge_report.json``). A failed merge is logged as an error and leaves the
       adapter model untouched, so ``trainer.save_model()`` still works.
+
+    Resuming (``trainer.train(resume_from_checkpoint=...)`` with
+    ``TrainingArguments(restore_callback_states_from_checkpoint=True)``): the groups captured in the first run and
+    the fingerprints of frozen shared weights travel in the checkpoint (transformers' ``ExportableState``); the
+    resumed run recaptures and reports a tie broken, or a frozen shared weight changed, since then.
 
     Events go to Python logging (logger ``"tie_guard"``), ``<output_dir>/<events_file>`` (JSONL) and W&B (the
     Trainer's run when ``report_to`` includes wandb; see ``TieGuardConfig.wandb``). Only the main process writes.
@@ -48,6 +54,7 @@ class TieGuardCallback(TrainerCallback):
         self.merge_report = None
         self.merged_model = None
         self.status = "not_started"
+        self.resume_baseline: dict | None = None
         self._wandb = None
 
     # -------------------------------------------------------------------------------------------------------
@@ -63,6 +70,21 @@ class TieGuardCallback(TrainerCallback):
         self.watcher = TieWatcher(model, self.events)
         self.watcher.capture(state.global_step)
         self.status = "ok"
+        if self.resume_baseline:
+            findings = self.watcher.compare_baseline(self.resume_baseline)
+            for f in findings:
+                self.events.emit("break", state.global_step, "error", f.message, data={"kind": f.kind, "group": f.group})
+            if findings:
+                self.status = "broken"
+            else:
+                self.events.emit("resume", state.global_step, "info",
+                                 f"resumed at step {state.global_step}: tie groups and frozen shared weights match "
+                                 "the checkpoint")
+
+    def state(self) -> dict:
+        """transformers ``ExportableState``: settings + the captured baseline (JSON-serialisable)."""
+        baseline = self.watcher.baseline() if self.watcher is not None else self.resume_baseline
+        return {"args": dataclasses.asdict(self.config), "attributes": {"resume_baseline": baseline}}
 
     def on_step_end(self, args, state, control, **kwargs):
         every = self.config.check_every

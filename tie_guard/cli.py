@@ -106,8 +106,9 @@ def cmd_merge(args) -> int:
         phase("load adapter")
         model = load_adapter(base, args.adapter)
         tokenizer = load_tokenizer(args.adapter) or base_tok
+        # The models were loaded here and are discarded after: merge untied layers in place (memory floor).
         merged, report = safe_merge_and_unload(model, args.tie_policy, output_dir=out, tokenizer=tokenizer,
-                                               overwrite=args.force, progress=phase)
+                                               overwrite=args.force, progress=phase, inplace=True)
         prog.update(task, description="done", completed=len(phases))
     summary = {"output_dir": out, "report": os.path.join(out, REPORT_NAME), "verified": report.verified,
                "max_abs_logit_diff": report.max_abs_logit_diff, "logit_tolerance": report.logit_tolerance,
@@ -205,11 +206,16 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    from .errors import TieGuardError
+
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (TieGuardError, OSError) as exc:  # refused or failed merge: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNSOUND
 
 
 if __name__ == "__main__":

@@ -205,6 +205,13 @@ def _peft_merged_module(part: AdapterPart) -> nn.Module:
     return clone.get_base_layer()
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``, checked in ``CHUNK_ROWS``-row chunks (``torch.isfinite`` on a whole vocab × hidden
+    matrix allocates ~1.7 × its bytes in temporaries)."""
+    flat = t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(-1, 1)
+    return all(bool(torch.isfinite(flat[i: i + CHUNK_ROWS]).all()) for i in range(0, flat.shape[0], CHUNK_ROWS))
+
+
 def lowrank_sq_norm(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """‖Σ_i U_i V_i‖_F² without forming any rows × cols matrix.
 

@@ -51,11 +51,27 @@ def load_adapter(model, adapter_dir: str):
     Raises:
         FileNotFoundError: ``adapter_dir`` has no ``adapter_config.json``.
     """
+    import pickle
+
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+    # PEFT (0.21) reads adapter_model.safetensors, or adapter_model.bin with torch.load(weights_only=True):
+    # no pickled code is ever executed.
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"cannot read the adapter weights in {adapter_dir} ({type(exc).__name__}: {exc}). The file is "
+                         "truncated, corrupt, or a pickle holding more than tensors (refused: only weights are "
+                         "loaded). Fix: re-save the adapter with save_pretrained (safetensors).") from exc
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc) or "shape" in str(exc):
+            raise ValueError(f"adapter {adapter_dir} does not match this base model: {str(exc)[:600]}. Fix: use the "
+                             "base the adapter was trained on (same architecture and vocabulary size; resize the "
+                             "embeddings first if the adapter was trained after adding tokens).") from exc
+        raise
 
 
 def load_tokenizer(*dirs: str):

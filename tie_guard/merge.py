@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .atomic import atomic_directory, write_json_atomic
-from .effective import effective_weight
+from .effective import all_finite, effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
 from .groups import TieGroup, find_tied_groups
 from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
@@ -158,11 +158,16 @@ def _detach_configs(model: nn.Module) -> None:
                 module.generation_config = copy.deepcopy(module.generation_config)
 
 
-def _replacement(bps: list[BaseParameter]) -> nn.Module:
+def _replacement(bps: list[BaseParameter], inplace: bool = False) -> nn.Module:
     """A plain module computing what the wrapped module computes: a shallow copy of the base module whose
-    parameters are the effective (merged) weights; untouched parameters are shared, not copied."""
+    parameters are the effective (merged) weights; untouched parameters are shared, not copied. With ``inplace``
+    (only for modules whose weights are not tied), PEFT's own in-place merge is used instead and the base module
+    itself is returned: no copy."""
     base_module = bps[0].module
     parts = bps[0].parts
+    if inplace and len(parts) == 1 and parts[0].kind in ("lora", "dora", "lora_variant") and parts[0].adapter_names:
+        parts[0].wrapper.merge(safe_merge=True, adapter_names=list(parts[0].adapter_names))
+        return base_module
     new = _shallow_module_copy(base_module)
     for attr, p in base_module._parameters.items():
         if p is None:
@@ -171,7 +176,7 @@ def _replacement(bps: list[BaseParameter]) -> nn.Module:
         if eff.kind == "zero" and eff.base is p:
             continue  # untouched: keep the very same Parameter (its ties stay intact)
         value = eff.materialize()
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise MergeVerificationError(
                 f"The merged {bps[0].module_path}.{attr} contains NaN/Inf: the adapter "
                 f"({', '.join(pt.describe() for pt in parts)}) is broken. Fix: retrain or restore the adapter from "
@@ -181,15 +186,14 @@ def _replacement(bps: list[BaseParameter]) -> nn.Module:
     return new
 
 
-def _build_merged(peft_model: PeftModel, base_params: list[BaseParameter]) -> nn.Module:
+def _build_merged(peft_model: PeftModel, base_params: list[BaseParameter], inplace: bool = False,
+                  tied: frozenset = frozenset()) -> nn.Module:
     by_wrapper: dict[int, list[BaseParameter]] = {}
-    outer: dict[int, nn.Module] = {}
     for bp in base_params:
         if bp.parts:
-            key = id(bp.parts[0].wrapper)
-            by_wrapper.setdefault(key, []).append(bp)
-            outer[key] = bp.parts[0].wrapper
-    replace = {key: _replacement(bps) for key, bps in by_wrapper.items()}
+            by_wrapper.setdefault(id(bp.parts[0].wrapper), []).append(bp)
+    replace = {key: _replacement(bps, inplace and not any(bp.name in tied for bp in bps))
+               for key, bps in by_wrapper.items()}
     merged = _share_clone(peft_model.get_base_model(), replace, {})
     _detach_configs(merged)
     # Parameters of the adapter model's base are frozen; a merged model starts frozen too.
@@ -363,6 +367,7 @@ def safe_merge_and_unload(
     probe_input_ids: torch.Tensor | None = None,
     verify_reload: bool = True,
     progress=None,
+    inplace: bool = False,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge a PEFT adapter so that tied input embeddings are preserved, and verify the result.
 
@@ -399,6 +404,9 @@ def safe_merge_and_unload(
         verify_reload: reload from ``output_dir`` and check again (ignored without ``output_dir``).
         progress: optional callable receiving each phase name as it starts (``"merge"``, ``"verify"``,
             ``"save"``, ``"reload"``), e.g. to drive a progress bar.
+        inplace: merge LoRA layers whose weights are *not* tied in place with PEFT's own merge (no copy; peak
+            extra memory ≈ one copy of each tied head). The adapter model is consumed, as with PEFT's
+            ``merge_and_unload()``: do not use it afterwards. Tied weights are never written in place.
     Returns:
         ``(merged_model, report)``; ``merged_model`` is a plain transformers model of the base model's class.
     Raises:
@@ -408,6 +416,7 @@ def safe_merge_and_unload(
         UnsupportedAdapterError: a prompt-learning adapter, or a PEFT layer without an exact merge.
         MergeVerificationError: a check failed; nothing is saved and ``.report`` holds the numbers.
         FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+        OSError: writing ``output_dir`` failed (no space, read-only); nothing is left behind.
     """
     if tie_policy not in TIE_POLICIES:
         raise ValueError(f"tie_policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
@@ -448,7 +457,17 @@ def safe_merge_and_unload(
         groups_before=[row for g in groups for row in g.as_rows()],
         plain_merge_changes_input_embeddings=plain_merge_changes_input_embeddings(groups),
     )
+    _refuse_quantized(peft_model)
     touched = [g for g in groups if g.physical and g.touched]
+    for g in touched:
+        for mem in g.members:
+            odd = [t for t in mem.touched_by if t.split("[")[0] not in EXACT_ON_TIED]
+            if odd:
+                raise UnsupportedAdapterError(
+                    f"{mem.name} is tied ({', '.join(g.names)}) and adapted by {', '.join(odd)}: tie_guard merges "
+                    f"tied weights exactly only for {', '.join(sorted(EXACT_ON_TIED))}. Fix: retrain with LoRA on "
+                    "this module (or leave it out of the adapter), or keep the adapter unmerged."
+                )
     if tie_policy == "error" and touched:
         raise TiedMergeError(
             "tie_policy='error': the adapter touches tied weights: "
@@ -468,7 +487,8 @@ def safe_merge_and_unload(
         t_probe = time.perf_counter()
         adapter_logits = probe_logits(peft_model, probe)
         report.seconds["probe_adapter"] = time.perf_counter() - t_probe
-        merged = _build_merged(peft_model, base_params)
+        tied = frozenset(n for g in groups for n in g.names)
+        merged = _build_merged(peft_model, base_params, inplace, tied)
     _resolve_ties(merged, groups, tie_policy, report)
     report.tie_flags_after = tie_flags(merged.config)
     report.seconds["merge"] = time.perf_counter() - t0 - report.seconds["probe_adapter"]
@@ -501,6 +521,25 @@ def safe_merge_and_unload(
                         verify_reload, report, phase)
     report.verified = True
     return merged, report
+
+
+#: Adapter parts whose merge into a tied weight tie_guard computes exactly (see tie_guard.effective).
+EXACT_ON_TIED = {"lora", "dora", "lora_variant", "modules_to_save", "trainable_tokens"}
+
+
+def _refuse_quantized(peft_model: PeftModel) -> None:
+    base = peft_model.get_base_model()
+    bnb = sorted({type(mod).__name__ for mod in base.modules() if type(mod).__name__ in ("Linear4bit", "Linear8bitLt")})
+    quant = getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_quantized", False)
+    if bnb or quant:
+        qc = getattr(base.config, "quantization_config", None)
+        kind = ", ".join(bnb) or getattr(qc, "quant_method", None) or (qc or {}).get("quant_method", "quantized")
+        raise UnsupportedAdapterError(
+            f"the base model is quantized ({kind}): an exact merge into quantized weights is impossible and "
+            "transformers refuses to save it. Fix: load the base unquantized (e.g. dtype=torch.bfloat16, no "
+            "quantization_config) and load the adapter onto it; a GGUF base can be dequantized with "
+            "tie_guard.packaged.load_gguf(path) (or `tie-guard merge BASE.gguf ...`)."
+        )
 
 
 def _refuse_merged_state(base_params: list[BaseParameter]) -> None:
@@ -561,12 +600,18 @@ def _failure_message(report: MergeReport) -> str:
 
 def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrite: bool, verify_reload: bool,
                     report: MergeReport, phase) -> None:
+    from safetensors import SafetensorError
+
     phase("save")
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        try:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except (OSError, SafetensorError) as exc:
+            raise OSError(f"writing the merged model to {out} failed ({exc}); nothing was written there and the "
+                          "temporary directory is removed. Fix: free space or choose a writable output_dir.") from exc
         report.seconds["save"] = time.perf_counter() - t0
         if verify_reload:
             phase("reload")

@@ -98,7 +98,11 @@ def _part_kind(layer: nn.Module, adapter_names: tuple[str, ...]) -> str:
             use_dora = getattr(layer, "use_dora", {}) or {}
             return "dora" if any(use_dora.get(name, False) for name in adapter_names) else "lora_variant"
         return "lora"
-    return type(layer).__name__.lower().replace("layer", "") or "peft"
+    # Other tuners: their package name under peft.tuners (peft.tuners.ia3.layer.Linear -> "ia3").
+    parts = type(layer).__module__.split(".")
+    if "tuners" in parts and parts.index("tuners") + 1 < len(parts):
+        return parts[parts.index("tuners") + 1]
+    return type(layer).__name__.lower()
 
 
 def _adapters_present(layer: nn.Module) -> tuple[str, ...]:

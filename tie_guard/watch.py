@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .effective import divergence_sq, effective_weight
+from .effective import all_finite, divergence_sq, effective_weight
 from .events import EventLog
 from .fingerprint import Fingerprint
 from .groups import TieGroup, find_tied_groups, physical_components
@@ -154,6 +154,30 @@ class TieWatcher:
             self.events.emit("setup_warning", step, level, message)
         return self.groups
 
+    def baseline(self) -> dict:
+        """What was captured, JSON-serialisable: per group label its members, whether physically tied, and the
+        frozen shared weight's fingerprint digest (``None`` when trainable)."""
+        return {g.label: {"names": list(g.names), "physical": g.physical,
+                          "digest": self._fingerprints[g.label].digest if g.label in self._fingerprints else None}
+                for g in self.groups}
+
+    def compare_baseline(self, baseline: dict) -> list[Finding]:
+        """Findings for differences between an earlier :meth:`baseline` (e.g. from a checkpoint) and now."""
+        now = {g.label: g for g in self.groups}
+        out = []
+        for label, before in baseline.items():
+            g = now.get(label)
+            if before["physical"] and (g is None or not g.physical):
+                out.append(Finding("tie_broken", label,
+                                   f"tie broken since the checkpoint: {', '.join(before['names'])} were one matrix "
+                                   "when it was saved and are not now. Fix: re-tie (model.tie_weights()) before "
+                                   "resuming, or restart from a checkpoint where they are tied."))
+            elif before["digest"] and label in self._fingerprints and self._fingerprints[label].digest != before["digest"]:
+                out.append(Finding("frozen_modified", label,
+                                   f"frozen shared weight of {label} differs from the one trained with before the "
+                                   "checkpoint (fingerprint changed). Fix: resume on the same base model."))
+        return out
+
     def _adapter_slice_finite(self, g: TieGroup, n_in: str, n_out: str) -> bool:
         """Check one rotating ``CHUNK_ELEMS`` slice of the adapter tensors of a pair for NaN/Inf (constant cost;
         every element is covered once per rotation)."""
@@ -238,9 +262,7 @@ class TieWatcher:
                 d = math.sqrt(max(float(divergence_sq(e_out, e_in)), 0.0))
                 rel = d / self._ref_norm[g.label] if self._ref_norm[g.label] > 0 else d
                 res.divergence[g.label] = rel
-                if not math.isfinite(rel) or (
-                    current[n_in].requires_grad and not bool(torch.isfinite(current[n_in]).all())
-                ):
+                if not math.isfinite(rel) or (current[n_in].requires_grad and not all_finite(current[n_in])):
                     res.findings.append(Finding(
                         "nonfinite", g.label,
                         f"NaN/Inf in the effective weights of {g.label} ({n_out} vs {n_in}). Fix: lower the "

@@ -1,0 +1,194 @@
+"""Bad inputs and injected faults: each gets the exact error (type + a message naming problem and fix), and nothing
+the user gave us changes."""
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model, train_adapter_a_little
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from tie_guard import TieGuardCallback, UnsupportedAdapterError, safe_merge_and_unload
+from tie_guard.cli import main as cli
+from tie_guard.events import read_events
+from tie_guard.probe import make_probe_ids, probe_logits
+
+
+def tree_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def base_and_adapter(tmp_path):
+    base = tiny_model("gemma2")
+    base.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(tiny_model("gemma2"), LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    train_adapter_a_little(pm, steps=2)
+    pm.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def test_unexact_tuner_on_tied_module_names_the_module():
+    pm = get_peft_model(tiny_model("gemma2"), IA3Config(target_modules=["lm_head"], feedforward_modules=[]))
+    with pytest.raises(UnsupportedAdapterError, match=r"lm_head\.weight is tied .* ia3.*Fix"):
+        safe_merge_and_unload(pm)
+
+
+def test_prompt_tuning_has_nothing_to_merge():
+    pm = get_peft_model(tiny_model("gemma2"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(UnsupportedAdapterError, match="prompt-learning.*Fix"):
+        safe_merge_and_unload(pm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_within_stated_tolerance(dtype, tmp_path):
+    from tie_guard.probe import LOGIT_TOLERANCES
+
+    base = tiny_model("gemma2").to(dtype)
+    embed = base.get_input_embeddings().weight.detach().clone()
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    adapter = probe_logits(pm, make_probe_ids(VOCAB))
+    merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "m")
+    assert report.dtype == str(dtype) and report.verified
+    atol, rtol = LOGIT_TOLERANCES[dtype]
+    assert report.logit_tolerance == pytest.approx(atol + rtol * adapter.abs().max().item())
+    assert report.max_abs_logit_diff <= report.logit_tolerance
+    assert torch.equal(merged.get_input_embeddings().weight, embed)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype)
+    assert reloaded.lm_head.weight.dtype == dtype and torch.equal(reloaded.get_input_embeddings().weight, embed)
+
+
+def test_only_safetensors_are_written(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    assert cli(["merge", str(base), str(adapter), str(tmp_path / "out"), "--quiet"]) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+
+def test_mismatched_adapter_and_base(base_and_adapter, tmp_path, capsys):
+    _, adapter = base_and_adapter
+    bigger = tiny_model("gemma2")
+    bigger.resize_token_embeddings(VOCAB + 64)
+    bigger.save_pretrained(tmp_path / "bigger")
+    before = tree_hashes(adapter)
+    assert cli(["merge", str(tmp_path / "bigger"), str(adapter), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match this base model" in err and "Fix:" in err
+    assert not (tmp_path / "out").exists() and tree_hashes(adapter) == before
+
+
+def test_truncated_adapter_file(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert cli(["merge", str(base), str(adapter), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated, corrupt" in err and "Fix:" in err and not (tmp_path / "out").exists()
+
+
+def test_missing_files_are_usage_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli(["merge", str(tmp_path / "missing"), str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "not found" in capsys.readouterr().err
+    tiny_model("gemma2").save_pretrained(tmp_path / "base")
+    assert cli(["merge", str(tmp_path / "base"), str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_pickle_adapter_is_loaded_weights_only(base_and_adapter, tmp_path, capsys):
+    """A .bin adapter is read with torch.load(weights_only=True): tensors load, code in a pickle never runs."""
+    base, adapter = base_and_adapter
+    weights = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    weights.save_pretrained(tmp_path / "bin_adapter", safe_serialization=False)
+    assert (tmp_path / "bin_adapter" / "adapter_model.bin").exists()
+    assert cli(["merge", str(base), str(tmp_path / "bin_adapter"), str(tmp_path / "out"), "--quiet"]) == 0
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil_adapter"
+    evil.mkdir()
+    (evil / "adapter_config.json").write_text((tmp_path / "bin_adapter" / "adapter_config.json").read_text())
+    torch.save({"x": Payload()}, evil / "adapter_model.bin")
+    assert cli(["merge", str(base), str(evil), str(tmp_path / "out2"), "--quiet"]) == 2
+    assert "Fix:" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out2").exists()
+
+
+def test_no_space_left_leaves_no_partial_output(tmp_path):
+    """A 48 KiB tmpfs: the save runs out of space; no output dir, no temporary left, inputs untouched."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        pm = get_peft_model(tiny_model("gemma2"), LoraConfig(r=4, target_modules=["lm_head"]))
+        train_adapter_a_little(pm, steps=1)
+        state = {k: v.clone() for k, v in pm.state_dict().items()}
+        with pytest.raises(OSError):
+            safe_merge_and_unload(pm, output_dir=small / "merged")
+        assert list(small.iterdir()) == []
+        assert all(torch.equal(state[k], v) for k, v in pm.state_dict().items())
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def _resume_args(out, steps, **kw):
+    return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="steps", save_steps=2, use_cpu=True, seed=0,
+                             restore_callback_states_from_checkpoint=True, **kw)
+
+
+def _ds():
+    ids = torch.randint(0, VOCAB, (32, 16), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": r, "labels": r} for r in ids]
+
+
+def test_resume_restores_state_without_false_alarm_and_catches_earlier_break(tmp_path):
+    model = tiny_model("gemma2")
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"]))
+    Trainer(model=pm, args=_resume_args(tmp_path / "run", 2), train_dataset=_ds(),
+            callbacks=[TieGuardCallback(check_every=1, merge_at_end=False)]).train()
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["TieGuardCallback"]["attributes"]["resume_baseline"]
+    assert saved["lm_head"]["physical"] is True and saved["lm_head"]["digest"]
+
+    trainer = Trainer(model=pm, args=_resume_args(tmp_path / "run", 4), train_dataset=_ds(),
+                      callbacks=[TieGuardCallback(check_every=1, merge_at_end=False)])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    events = read_events(tmp_path / "run" / "tie_guard_events.jsonl")
+    after = events[[i for i, e in enumerate(events) if e["event"] == "capture"][-1]:]
+    assert [e["event"] for e in after if e["event"] in ("resume", "break")] == ["resume"]
+
+    # The tie is broken before resuming from the step-2 checkpoint: caught at train begin.
+    head = pm.get_base_model().lm_head
+    head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)
+    trainer = Trainer(model=pm, args=_resume_args(tmp_path / "run", 4), train_dataset=_ds(),
+                      callbacks=[TieGuardCallback(check_every=1, merge_at_end=False)])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    events = read_events(tmp_path / "run" / "tie_guard_events.jsonl")
+    after = events[[i for i, e in enumerate(events) if e["event"] == "capture"][-1]:]
+    breaks = [e for e in after if e["event"] == "break"]
+    assert breaks and breaks[0]["step"] == 2 and "since the checkpoint" in breaks[0]["message"]
+
+
+@pytest.mark.integration
+def test_gguf_quantized_in_memory_is_refused_with_the_dequantize_path(tmp_path):
+    from tie_guard.packaged import gguf_path
+
+    path = gguf_path("smollm2-135m-instruct")
+    q = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    pm = get_peft_model(q, LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(UnsupportedAdapterError, match=r"quantized.*load_gguf"):
+        safe_merge_and_unload(pm)
