@@ -1,6 +1,5 @@
 """Public bug reports about tied weights, each rebuilt as the smallest model that shows it, with the right outcome."""
 
-import pytest
 import torch
 from conftest import VOCAB, tiny_model, train_adapter_a_little, untied_llama
 from peft import LoraConfig, get_peft_model

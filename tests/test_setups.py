@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model, train_adapter_a_little
 from peft import LoraConfig, get_peft_model
-from setups import SETUPS, build, measure, record
+from setups import SETUPS, measure, record
 
 from tie_guard import TieWatcher
 from tie_guard.events import EventLog

@@ -13,8 +13,7 @@ from .config import TieGuardConfig
 from .errors import TieBrokenError, TieGuardError
 from .events import EventLog
 from .merge import REPORT_NAME, safe_merge_and_unload
-from .peft_layout import PeftModel, base_model_of
-from .probe import make_probe_ids
+from .peft_layout import PeftModel
 from .wandb_sink import resolve_wandb
 from .watch import TieWatcher
 
@@ -127,13 +126,11 @@ class TieGuardCallback(TrainerCallback, ExportableState):
     def _merge(self, args, state, model, tokenizer) -> dict:
         out = Path(args.output_dir) / self.config.merged_dir
         step = state.global_step
-        cfg = base_model_of(model).config
-        vocab = getattr(cfg, "vocab_size", None) or getattr(cfg.get_text_config(), "vocab_size")
-        probe = make_probe_ids(vocab, self.config.probe_batch_size, self.config.probe_seq_len)
         try:
             merged, report = safe_merge_and_unload(
                 model, self.config.tie_policy, output_dir=out, tokenizer=tokenizer, overwrite=True,
-                probe_input_ids=probe, verify_reload=self.config.verify_reload,
+                probe_shape=(self.config.probe_batch_size, self.config.probe_seq_len),
+                verify_reload=self.config.verify_reload,
             )
         except TieGuardError as exc:
             self.status = "merge_failed"

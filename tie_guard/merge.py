@@ -18,7 +18,7 @@ from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterEr
 from .groups import TieGroup, find_tied_groups
 from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
 from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
-from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags
+from .tie_config import forget_ties, set_tie_flags, tie_flags
 
 TiePolicy = Literal["untie", "keep_tied", "error"]
 TIE_POLICIES = ("untie", "keep_tied", "error")
@@ -365,6 +365,7 @@ def safe_merge_and_unload(
     tokenizer=None,
     overwrite: bool = False,
     probe_input_ids: torch.Tensor | None = None,
+    probe_shape: tuple[int, int] = (2, 32),
     verify_reload: bool = True,
     progress=None,
     inplace: bool = False,
@@ -400,7 +401,8 @@ def safe_merge_and_unload(
         output_dir: where to save the verified merged model; must not exist unless ``overwrite``.
         tokenizer: saved beside the model when given.
         overwrite: replace an existing ``output_dir`` (atomically, after verification).
-        probe_input_ids: (batch, seq) token ids to verify on; default a seeded random batch.
+        probe_input_ids: (batch, seq) token ids to verify on; default a seeded random batch of ``probe_shape``.
+        probe_shape: (batch, seq) of the default probe batch.
         verify_reload: reload from ``output_dir`` and check again (ignored without ``output_dir``).
         progress: optional callable receiving each phase name as it starts (``"merge"``, ``"verify"``,
             ``"save"``, ``"reload"``), e.g. to drive a progress bar.
@@ -481,7 +483,7 @@ def safe_merge_and_unload(
         _refuse_merged_state(base_params)
         config = peft_model.get_base_model().config
         vocab = _vocab_size(config)
-        probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(vocab)
+        probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(vocab, *probe_shape)
         check_probe_ids(probe, vocab)
         report.probe_shape = list(probe.shape)
         t_probe = time.perf_counter()
