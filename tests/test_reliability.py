@@ -192,3 +192,15 @@ def test_gguf_quantized_in_memory_is_refused_with_the_dequantize_path(tmp_path):
     pm = get_peft_model(q, LoraConfig(r=4, target_modules=["lm_head"]))
     with pytest.raises(UnsupportedAdapterError, match=r"quantized.*load_gguf"):
         safe_merge_and_unload(pm)
+
+
+def test_meta_device_or_offloaded_weights_are_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    with torch.device("meta"):
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8))
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(UnsupportedAdapterError, match=r"meta device.*offloaded.*Fix"):
+        safe_merge_and_unload(pm)

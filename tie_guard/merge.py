@@ -480,6 +480,7 @@ def safe_merge_and_unload(
 
     with _active_adapters(peft_model, names):
         base_params = list(iter_base_parameters(peft_model))
+        _refuse_meta(base_params)
         _refuse_merged_state(base_params)
         config = peft_model.get_base_model().config
         vocab = _vocab_size(config)
@@ -527,6 +528,17 @@ def safe_merge_and_unload(
 
 #: Adapter parts whose merge into a tied weight tie_guard computes exactly (see tie_guard.effective).
 EXACT_ON_TIED = {"lora", "dora", "lora_variant", "modules_to_save", "trainable_tokens"}
+
+
+def _refuse_meta(base_params: list[BaseParameter]) -> None:
+    meta = [bp.name for bp in base_params if bp.param.device.type == "meta"]
+    if meta:
+        raise UnsupportedAdapterError(
+            f"{len(meta)} base weights are on the meta device ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): "
+            "the model is not materialised or is partly offloaded (accelerate device_map with disk/CPU offload), so "
+            "there are no values to merge. Fix: load the base fully into memory (no device_map offload, "
+            "low_cpu_mem_usage is fine) before merging; `tie-guard merge` does this."
+        )
 
 
 def _refuse_quantized(peft_model: PeftModel) -> None:
