@@ -21,6 +21,20 @@ def offline_wandb_defaults(output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
 
 
+def load_model_and_tokenizer(model_args, output_dir: str):
+    """W&B offline defaults, then the model (packaged name, local dir or hub id) and tokenizer of TRL's
+    ``ModelConfig``. Returns ``(model, tokenizer, dtype)``; the tokenizer gets a pad token if it has none."""
+    from tie_guard.packaged import resolve_model_path
+
+    offline_wandb_defaults(output_dir)
+    path = resolve_model_path(model_args.model_name_or_path)
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer, dtype
+
+
 def plain_peft_merge_numbers(peft_model, probe) -> dict:
     """What PEFT's own merge_and_unload() does on a deep copy: input-embedding change and logit difference."""
     clone = copy.deepcopy(peft_model)

@@ -14,17 +14,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import build_dataset  # noqa: E402
-from job_common import finish, offline_wandb_defaults, summarize  # noqa: E402
+from job_common import finish, load_model_and_tokenizer, summarize  # noqa: E402
 
 from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
-from tie_guard.packaged import chitchat_conversations, resolve_model_path  # noqa: E402
+from tie_guard.packaged import chitchat_conversations  # noqa: E402
 
 
 @dataclass
@@ -45,14 +44,7 @@ class DataArguments:
 def main(argv=None):
     parser = TrlParser((DataArguments, ModelConfig, TrainingArguments, TieGuardConfig))
     data_args, model_args, training_args, guard_args = parser.parse_args_and_config(argv)
-    offline_wandb_defaults(training_args.output_dir)
-
-    path = resolve_model_path(model_args.model_name_or_path)
-    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model, tokenizer, dtype = load_model_and_tokenizer(model_args, training_args.output_dir)
     peft_config = get_peft_config(model_args)
     if peft_config is None:
         raise SystemExit("this script trains a LoRA adapter: set use_peft: true in the config")

@@ -17,17 +17,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_common import finish, offline_wandb_defaults, summarize  # noqa: E402
+from job_common import finish, load_model_and_tokenizer, summarize  # noqa: E402
 
 from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
-from tie_guard.packaged import chitchat_conversations, resolve_model_path  # noqa: E402
+from tie_guard.packaged import chitchat_conversations  # noqa: E402
 
 
 @dataclass
@@ -66,12 +64,7 @@ def add_chat_template_tokens(model, tokenizer, args: SFTScriptArguments, multipl
 def main(argv=None):
     parser = TrlParser((SFTScriptArguments, ModelConfig, SFTConfig, TieGuardConfig))
     script_args, model_args, sft_args, guard_args = parser.parse_args_and_config(argv)
-    offline_wandb_defaults(sft_args.output_dir)
-
-    path = resolve_model_path(model_args.model_name_or_path)
-    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model, tokenizer, dtype = load_model_and_tokenizer(model_args, sft_args.output_dir)
     added = add_chat_template_tokens(model, tokenizer, script_args)
     print(f"added special tokens {dict(zip(script_args.new_special_tokens, added))}; vocab {model.vocab_size}")
     data = Dataset.from_list([{"messages": c} for c in chitchat_conversations(script_args.max_conversations)])

@@ -10,6 +10,17 @@ import tempfile
 from pathlib import Path
 
 
+def check_destination(dest: str | os.PathLike, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Raise ``FileExistsError`` (naming the fix) if ``dest`` is a file, or a non-empty directory without
+    ``overwrite``. ``flag`` names the switch that allows overwriting (e.g. ``--force`` for the CLI)."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is not a directory. Fix: choose another output directory.")
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} already exists and is not empty. Fix: choose another output directory or "
+                              f"pass {flag}.")
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside ``dest``; on normal exit rename it to ``dest``.
@@ -24,11 +35,7 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False):
         FileExistsError: ``dest`` is a file, or a non-empty directory and ``overwrite`` is False.
     """
     dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"{dest} exists and is not a directory. Fix: choose another output directory.")
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dest} already exists and is not empty. Fix: choose another output directory or "
-                              "allow overwriting.")
+    check_destination(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:

@@ -80,6 +80,7 @@ def cmd_inspect(args) -> int:
 def cmd_merge(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .atomic import check_destination
     from .loading import load_adapter, load_model, load_tokenizer, parse_dtype
     from .merge import REPORT_NAME, safe_merge_and_unload
 
@@ -89,10 +90,7 @@ def cmd_merge(args) -> int:
             print(f"error: OUT ({args.out}) lies inside an input ({src}); tie-guard never writes into its inputs. "
                   "Fix: choose an output directory elsewhere.", file=sys.stderr)
             return EXIT_USAGE
-    if os.path.exists(out) and not args.force and (not os.path.isdir(out) or os.listdir(out)):
-        print(f"error: {args.out} already exists. Fix: choose a new OUT or pass --force to replace it.",
-              file=sys.stderr)
-        return EXIT_USAGE
+    check_destination(out, args.force, flag="--force")  # before the (slow) loading
     phases = ["load base", "load adapter", "merge", "verify", "save", "reload"]
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), disable=args.quiet) as prog:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .atomic import atomic_directory, write_json_atomic
+from .atomic import atomic_directory, check_destination, write_json_atomic
 from .effective import all_finite, effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
 from .groups import TieGroup, find_tied_groups
@@ -440,12 +440,7 @@ def safe_merge_and_unload(
                 "weights to merge. Fix: keep it as an adapter (PeftModel) for inference."
             )
     if output_dir is not None:
-        out = Path(output_dir)
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory. Fix: choose a new output_dir.")
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty. Fix: choose a new output_dir or pass "
-                                  "overwrite=True.")
+        check_destination(output_dir, overwrite)
 
     phase = progress or (lambda name: None)
     phase("merge")
