@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tie_guard import find_tied_groups
+from tie_guard.peft_layout import unwrapped_module
 from tie_guard.probe import make_probe_ids, max_abs_diff, probe_logits
 
 
@@ -36,10 +37,11 @@ def load_model_and_tokenizer(model_args, output_dir: str):
 
 
 def plain_peft_merge_numbers(peft_model, probe) -> dict:
-    """What PEFT's own merge_and_unload() does on a deep copy: input-embedding change and logit difference."""
+    """What PEFT's own merge_and_unload() does on a deep copy: input-embedding change against the base model's
+    input embedding, and logit difference against the adapter model."""
     clone = copy.deepcopy(peft_model)
-    emb = clone.get_base_model().get_input_embeddings()
-    emb_before = (emb.weight if hasattr(emb, "weight") else emb.original_module.weight).detach().clone()
+    # The base model's own input embedding (under any PEFT wrapper), the same baseline tie_guard's report uses.
+    emb_before = unwrapped_module(clone.get_base_model().get_input_embeddings()).weight.detach().clone()
     adapter = probe_logits(clone, probe)
     merged = clone.merge_and_unload()
     emb_after = merged.get_input_embeddings().weight.detach()
@@ -63,6 +65,7 @@ def summarize(model, guard, compare_plain_merge: bool) -> dict:
             "logit_tolerance": report.logit_tolerance,
             "reload_max_abs_logit_diff": report.reload_max_abs_logit_diff,
             "input_embeddings": [vars(e) for e in report.input_embeddings],
+            # True when every input embedding the adapter does not itself train is bit-identical to the base's.
             "input_embeddings_bit_identical": report.input_embeddings_bit_identical,
             "actions": report.actions,
             "merged_dir": report.output_dir,
