@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -30,6 +31,8 @@ def iter_records(path: str | Path):
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
+        if pos + CHUNK_HEADER + length > len(data):  # a record still being written
+            break
         pos += CHUNK_HEADER
         chunk = data[pos : pos + length]
         pos += length
@@ -53,14 +56,23 @@ def _parse(raw: bytes):
     return rec
 
 
-def read_run(run_dir: str | Path) -> dict:
+def read_run(run_dir: str | Path, wait: float = 60.0) -> dict:
     """``{"history": [row dicts], "summary": {key: value}, "alerts": [(title, text, level)]}`` of an offline run
-    directory (``.../wandb/offline-run-*``)."""
+    directory (``.../wandb/offline-run-*``).
+
+    wandb's service writes the file asynchronously, even after ``run.finish()`` returns; this waits (up to
+    ``wait`` seconds) for the run's final ``exit`` record so that a finished run is read whole.
+    """
     files = list(Path(run_dir).glob("*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one .wandb file in {run_dir}, found {files}")
+    deadline = time.monotonic() + wait
+    records = list(iter_records(files[0]))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = list(iter_records(files[0]))
     history, summary, alerts = [], {}, []
-    for rec in iter_records(files[0]):
+    for rec in records:
         which = rec.WhichOneof("record_type")
         if which == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
