@@ -204,3 +204,21 @@ def test_meta_device_or_offloaded_weights_are_refused():
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"]))
     with pytest.raises(UnsupportedAdapterError, match=r"meta device.*offloaded.*Fix"):
         safe_merge_and_unload(pm)
+
+
+def test_read_only_output_location_leaves_nothing(tmp_path):
+    """A read-only filesystem (tmpfs mounted ro; root ignores permission bits, not a ro mount)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        pm = get_peft_model(tiny_model("gemma2"), LoraConfig(r=4, target_modules=["lm_head"]))
+        state = {k: v.clone() for k, v in pm.state_dict().items()}
+        with pytest.raises(OSError, match="Read-only file system.*Fix: choose a writable location"):
+            safe_merge_and_unload(pm, output_dir=ro / "merged")
+        assert list(ro.iterdir()) == []
+        assert all(torch.equal(state[k], v) for k, v in pm.state_dict().items())
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)

@@ -36,8 +36,11 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False):
     """
     dest = Path(dest)
     check_destination(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as exc:
+        raise OSError(f"cannot create {dest} ({exc}). Fix: choose a writable location with free space.") from exc
     try:
         yield tmp
         _apply_umask(tmp)
