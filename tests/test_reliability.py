@@ -1,6 +1,7 @@
 """Bad inputs and injected faults: each gets the exact error (type + a message naming problem and fix), and nothing
 the user gave us changes."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,23 +126,32 @@ def test_pickle_adapter_is_loaded_weights_only(base_and_adapter, tmp_path, capsy
     assert not marker.exists() and not (tmp_path / "out2").exists()
 
 
-def test_no_space_left_leaves_no_partial_output(tmp_path):
-    """A 48 KiB tmpfs: the save runs out of space; no output dir, no temporary left, inputs untouched."""
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """Mount a tmpfs with ``options`` at ``path`` for the block (root only; skips the test elsewhere)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.parametrize("options, error", [
+    ("size=48k", "No space left on device"),  # the save runs out of space
+    ("ro,size=64k", "Read-only file system.*Fix: choose a writable location"),  # root ignores permission bits
+])
+def test_failed_writes_leave_no_partial_output(tmp_path, options, error):
+    """No output dir, no temporary left, the adapter model untouched."""
+    with tmpfs(tmp_path / "fs", options) as fs:
         pm = get_peft_model(tiny_model("gemma2"), LoraConfig(r=4, target_modules=["lm_head"]))
         train_adapter_a_little(pm, steps=1)
         state = {k: v.clone() for k, v in pm.state_dict().items()}
-        with pytest.raises(OSError):
-            safe_merge_and_unload(pm, output_dir=small / "merged")
-        assert list(small.iterdir()) == []
+        with pytest.raises(OSError, match=error):
+            safe_merge_and_unload(pm, output_dir=fs / "merged")
+        assert list(fs.iterdir()) == []
         assert all(torch.equal(state[k], v) for k, v in pm.state_dict().items())
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def _resume_args(out, steps, **kw):
@@ -205,20 +215,3 @@ def test_meta_device_or_offloaded_weights_are_refused():
     with pytest.raises(UnsupportedAdapterError, match=r"meta device.*offloaded.*Fix"):
         safe_merge_and_unload(pm)
 
-
-def test_read_only_output_location_leaves_nothing(tmp_path):
-    """A read-only filesystem (tmpfs mounted ro; root ignores permission bits, not a ro mount)."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        pm = get_peft_model(tiny_model("gemma2"), LoraConfig(r=4, target_modules=["lm_head"]))
-        state = {k: v.clone() for k, v in pm.state_dict().items()}
-        with pytest.raises(OSError, match="Read-only file system.*Fix: choose a writable location"):
-            safe_merge_and_unload(pm, output_dir=ro / "merged")
-        assert list(ro.iterdir()) == []
-        assert all(torch.equal(state[k], v) for k, v in pm.state_dict().items())
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
