@@ -125,8 +125,8 @@ class TieWatcher:
                                                                 bp.module is mod):
                     names.add(bp.name)
         self._watched = {n: _Watched(by_name[n]) for n in sorted(names)}
-        self._partition = self._current_partition()
-        self._fingerprints, self._ref_norm, self._pairs = {}, {}, []
+        self._partition = sorted(physical_components(self._resolve()))
+        self._fingerprints, self._ref_norm, self._pairs, self._pair_adapters = {}, {}, [], {}
         for g in self.groups:
             if not g.physical:
                 continue
@@ -137,6 +137,8 @@ class TieWatcher:
             self._ref_norm[g.label] = float(torch.linalg.vector_norm(by_name[first_in].param.detach().float()))
             for m in g.output_members:
                 self._pairs.append((g, first_in, m.name))
+                self._pair_adapters[(first_in, m.name)] = (
+                    _adapter_tensors(by_name[m.name].parts) + _adapter_tensors(by_name[first_in].parts))
         self.captured = True
         rows = [r for g in self.groups for r in g.as_rows()]
         self.events.emit(
@@ -183,7 +185,7 @@ class TieWatcher:
         every element is covered once per rotation)."""
         from .fingerprint import CHUNK_ELEMS
 
-        tensors = _adapter_tensors(self._watched[n_out].bp.parts) + _adapter_tensors(self._watched[n_in].bp.parts)
+        tensors = self._pair_adapters[(n_in, n_out)]
         total = sum(t.numel() for t in tensors)
         if not total:
             return True
@@ -197,14 +199,11 @@ class TieWatcher:
             offset += t.numel()
         return True
 
-    def _current_partition(self) -> list[list[str]]:
+    def _resolve(self) -> dict[str, torch.Tensor]:
+        """Current tensor of every watched name still present in the model."""
         root = base_model_of(self.model)
-        tensors = {}
-        for n, w in self._watched.items():
-            t = w.resolve(root)
-            if t is not None:
-                tensors[n] = t
-        return sorted(physical_components(tensors))
+        found = {n: w.resolve(root) for n, w in self._watched.items()}
+        return {n: t for n, t in found.items() if t is not None}
 
     # ------------------------------------------------------------------------------------------------------------
     def check(self, step: int, emit: bool = True, divergence: bool = True) -> CheckResult:
@@ -219,15 +218,10 @@ class TieWatcher:
             raise RuntimeError("TieWatcher.check called before capture(); call capture() after the model is ready")
         t0 = time.perf_counter()
         res = CheckResult(step)
-        root = base_model_of(self.model)
-        current = {}
-        for n, w in self._watched.items():
-            t = w.resolve(root)
-            if t is None:
-                res.findings.append(Finding("missing", n, f"{n} is no longer in the model (module replaced?)"))
-            else:
-                current[n] = t
-        partition = self._current_partition()
+        current = self._resolve()
+        for n in sorted(self._watched.keys() - current.keys()):
+            res.findings.append(Finding("missing", n, f"{n} is no longer in the model (module replaced?)"))
+        partition = sorted(physical_components(current))
         if partition != self._partition:
             res.findings.extend(_partition_findings(self._partition, partition, self.groups))
             self._partition = partition
