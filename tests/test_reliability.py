@@ -215,3 +215,79 @@ def test_meta_device_or_offloaded_weights_are_refused():
     with pytest.raises(UnsupportedAdapterError, match=r"meta device.*offloaded.*Fix"):
         safe_merge_and_unload(pm)
 
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_base_is_watched_and_its_merge_refused(bits, tmp_path):
+    """A real bitsandbytes-quantized base (CPU backend): the tie group (embeddings stay unquantized) is captured and
+    watched; the merge is refused with the fix, and no weight of the model changes."""
+    from transformers import BitsAndBytesConfig
+
+    from tie_guard import TieWatcher
+
+    tiny_model("llama_tied").save_pretrained(tmp_path / "base")
+    qc = BitsAndBytesConfig(load_in_4bit=True) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qc, device_map="cpu")
+    layer = type(q.model.layers[0].self_attn.q_proj).__name__
+    assert layer == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+    pm = get_peft_model(q, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    watcher = TieWatcher(pm)
+    groups = watcher.capture()
+    assert [(g.names, g.status) for g in groups] == [(("model.embed_tokens.weight", "lm_head.weight"), "tied")]
+    res = watcher.check(1)
+    assert res.ok and 0 < res.divergence["lm_head"] < float("inf")
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(UnsupportedAdapterError, match=rf"quantized \({layer}\).*impossible.*Fix: load the base unquantized"):
+        safe_merge_and_unload(pm, output_dir=tmp_path / "out")
+    after = pm.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "out").exists()
+
+
+_OFFLOAD_MAPS = {
+    # the tie group itself offloaded to disk: its parameter is on the meta device
+    "tie_group_on_disk": {"model.embed_tokens": "disk", "lm_head": "disk", "model.layers": "cpu", "model.norm": "cpu",
+                          "model.rotary_emb": "cpu"},
+    # one decoder layer offloaded, the tie group in memory
+    "layer_on_disk": {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                      "model.norm": "cpu", "model.rotary_emb": "cpu"},
+}
+
+
+@pytest.mark.parametrize("where", list(_OFFLOAD_MAPS))
+def test_watching_a_partly_offloaded_model(where, tmp_path):
+    """Watching (not merging) a model loaded with an accelerate device_map that offloads to disk: the tie is watched
+    either way; values are checked wherever they are in memory, with the same divergence as the unoffloaded model."""
+    from torch import nn
+
+    from tie_guard import TieWatcher
+    from tie_guard.events import EventLog
+
+    tiny_model("llama_tied").save_pretrained(tmp_path / "base")
+    lcfg = LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lcfg)
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=_OFFLOAD_MAPS[where],
+                                               offload_folder=tmp_path / "offload")
+    pm = get_peft_model(off, lcfg)
+    pm.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    events = EventLog(tmp_path / "events.jsonl")
+    watcher = TieWatcher(pm, events)
+    assert [(g.names, g.status) for g in watcher.capture()] == [(("model.embed_tokens.weight", "lm_head.weight"),
+                                                                 "tied")]
+    res = watcher.check(1)
+    assert res.ok
+    offloaded = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "offloaded"]
+    if where == "tie_group_on_disk":
+        assert res.divergence == {} and len(offloaded) == 1 and "Fix: keep the embeddings on a device" in \
+            offloaded[0]["message"]
+    else:
+        ref_watcher = TieWatcher(ref)
+        ref_watcher.capture()
+        assert not offloaded
+        assert res.divergence["lm_head"] == pytest.approx(ref_watcher.check(1).divergence["lm_head"], rel=1e-6)
+    # A tie broken in memory is caught with the tie group offloaded or not.
+    head = pm.base_model.model.lm_head.base_layer
+    head.weight = nn.Parameter(torch.zeros(head.weight.shape, device=head.weight.device), requires_grad=False)
+    assert [f.kind for f in watcher.check(2).findings] == ["tie_broken"]

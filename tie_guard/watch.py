@@ -101,6 +101,7 @@ class TieWatcher:
         self.last_divergence: dict[str, float] = {}
         self.last_result: CheckResult | None = None
         self._nan_cursor: dict[str, int] = {}
+        self._offloaded: set[str] = set()
         self.n_findings = 0
         self.captured = False
 
@@ -127,14 +128,21 @@ class TieWatcher:
         self._watched = {n: _Watched(by_name[n]) for n in sorted(names)}
         self._partition = sorted(physical_components(self._resolve()))
         self._fingerprints, self._ref_norm, self._pairs, self._pair_adapters = {}, {}, [], {}
+        offloaded, self._offloaded = [], set()
         for g in self.groups:
             if not g.physical:
                 continue
             rep = by_name[g.members[0].name].param
-            if not rep.requires_grad:
-                self._fingerprints[g.label] = Fingerprint(rep)
             first_in = (g.input_members or g.members)[0].name
-            self._ref_norm[g.label] = float(torch.linalg.vector_norm(by_name[first_in].param.detach().float()))
+            if rep.device.type == "meta":
+                # Offloaded by an accelerate device_map (disk/CPU offload) or not materialised: identity is still
+                # watched; there are no values in memory to fingerprint or compare.
+                offloaded.append(g.label)
+                self._offloaded.add(g.label)
+            else:
+                if not rep.requires_grad:
+                    self._fingerprints[g.label] = Fingerprint(rep)
+                self._ref_norm[g.label] = float(torch.linalg.vector_norm(by_name[first_in].param.detach().float()))
             for m in g.output_members:
                 self._pairs.append((g, first_in, m.name))
                 self._pair_adapters[(first_in, m.name)] = (
@@ -152,6 +160,14 @@ class TieWatcher:
         if not self.groups:
             self.events.emit("no_tied_weights", step, "info",
                              "this model has no tied weights; tie_guard has nothing to watch or untie")
+        if offloaded:
+            self.events.emit(
+                "offloaded", step, "warning",
+                f"tie group(s) {', '.join(offloaded)} are on the meta device (offloaded by a device_map, or not "
+                "materialised): tie_guard watches that they stay one parameter, but cannot fingerprint the frozen "
+                "shared weight or compute divergence (no values in memory). Fix: keep the embeddings on a device, "
+                "e.g. device_map={'model.embed_tokens': 0, 'lm_head': 0, ...}, to have them watched in full.",
+                data={"groups": offloaded})
         for level, message in setup_warnings(self.groups, by_name) + stack_warnings(root, base_params):
             self.events.emit("setup_warning", step, level, message)
         return self.groups
@@ -240,7 +256,9 @@ class TieWatcher:
                 ))
                 self._fingerprints[g.label] = Fingerprint(current[g.members[0].name])
         with torch.no_grad():
-            for g, n_in, n_out in self._pairs if not divergence else ():
+            for g, n_in, n_out in self._pairs:
+                if divergence and g.label not in self._offloaded:
+                    continue
                 if n_in in current and n_out in current and not self._adapter_slice_finite(g, n_in, n_out):
                     res.findings.append(Finding(
                         "nonfinite", g.label,
@@ -248,7 +266,7 @@ class TieWatcher:
                         "clipping, and resume from the last good checkpoint.",
                     ))
             for g, n_in, n_out in self._pairs if divergence else ():
-                if n_in not in current or n_out not in current:
+                if n_in not in current or n_out not in current or g.label in self._offloaded:
                     continue
                 w_in, w_out = self._watched[n_in].bp, self._watched[n_out].bp
                 e_in = effective_weight(current[n_in], w_in.parts)
@@ -279,7 +297,7 @@ def _adapter_tensors(parts) -> list[torch.Tensor]:
     out = []
     for part in parts:
         for name, t in part.wrapper.named_parameters():
-            if t.requires_grad and not name.startswith(("base_layer.", "original_module.")):
+            if t.requires_grad and t.device.type != "meta" and not name.startswith(("base_layer.", "original_module.")):
                 out.append(t)
     return out
 
