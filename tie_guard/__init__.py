@@ -1,5 +1,6 @@
 """tie_guard: keep tied input/output embeddings right through LoRA fine-tuning, merging and saving."""
 
+from .accelerate_loop import guard_accelerator
 from .callback import TieGuardCallback
 from .config import TieGuardConfig
 from .errors import (
@@ -10,6 +11,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .groups import TieGroup, TieMember, find_tied_groups
+from .guard import TieGuard
 from .merge import EmbeddingCheck, MergeReport, safe_merge_and_unload
 from .watch import CheckResult, TieWatcher
 
@@ -22,6 +24,7 @@ __all__ = [
     "MergeVerificationError",
     "TieBrokenError",
     "TieGroup",
+    "TieGuard",
     "TieGuardCallback",
     "TieGuardConfig",
     "TieGuardError",
@@ -30,5 +33,6 @@ __all__ = [
     "TiedMergeError",
     "UnsupportedAdapterError",
     "find_tied_groups",
+    "guard_accelerator",
     "safe_merge_and_unload",
 ]

@@ -53,9 +53,12 @@ class EventLog:
     Args:
         jsonl_path: file to append one JSON object per line to (created with parents); ``None`` disables it.
         wandb_sink: a :class:`tie_guard.wandb_sink.WandbSink` or ``None``.
+        log: also send messages to Python logging (``False`` on non-main ranks, so that each event is reported
+            once per run, by the main process).
     """
 
-    def __init__(self, jsonl_path: str | os.PathLike | None = None, wandb_sink=None):
+    def __init__(self, jsonl_path: str | os.PathLike | None = None, wandb_sink=None, log: bool = True):
+        self.log = log
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         self.wandb = wandb_sink
         self.events: list[Event] = []
@@ -67,7 +70,7 @@ class EventLog:
         """Record one event everywhere. ``table=(name, rows)`` also logs a W&B table ``tie_guard/<name>``."""
         ev = Event(event, int(step), level, message, dict(metrics or {}), dict(data or {}))
         self.events.append(ev)
-        if message:
+        if message and self.log:
             logger.log(_LEVELS.get(level, logging.INFO), "[tie_guard step %d] %s", ev.step, message)
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a") as f:

@@ -17,10 +17,10 @@ SAMPLES = 256
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """The locally held tensor (DTensor shard for FSDP2), detached and flattened."""
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    return t.detach().reshape(-1)
+    """The locally held values (FSDP2 DTensor shard, ZeRO-3 partition), detached and flattened."""
+    from .distributed import local_tensor
+
+    return local_tensor(t).detach().reshape(-1)
 
 
 def _hash_bytes(flat: torch.Tensor) -> int:

@@ -9,6 +9,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .distributed import (
+    ShardingUnsupported,
+    all_reduce_sum,
+    check_same_on_all_ranks,
+    gather_findings,
+    gathered,
+    is_distributed,
+    is_sharded,
+    local_tensor,
+    local_views,
+    world,
+)
 from .effective import all_finite, divergence_sq, effective_weight
 from .events import EventLog
 from .fingerprint import Fingerprint
@@ -24,11 +36,13 @@ class Finding:
         kind: ``"tie_broken"``, ``"tie_appeared"``, ``"frozen_modified"``, ``"nonfinite"`` or ``"missing"``.
         group: label of the tie group (``"lm_head"``).
         message: what happened and the fix.
+        ranks: in a distributed run, the global ranks whose check found it (``()`` when not distributed).
     """
 
     kind: str
     group: str
     message: str
+    ranks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -73,7 +87,7 @@ def _touch_signature(bp: BaseParameter) -> frozenset:
     for part in bp.parts:
         for name, t in part.wrapper.named_parameters():
             if not name.startswith(("base_layer.", "original_module.", "token_adapter.base_layer.")):
-                sig.add((part.kind, t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)))
+                sig.add((part.kind, t.untyped_storage().data_ptr() if t.device.type != "meta" and not is_sharded(t) else id(t)))
     return frozenset(sig)
 
 
@@ -102,6 +116,7 @@ class TieWatcher:
         self.last_result: CheckResult | None = None
         self._nan_cursor: dict[str, int] = {}
         self._offloaded: set[str] = set()
+        self._no_divergence: set[str] = set()
         self.n_findings = 0
         self.captured = False
 
@@ -142,11 +157,20 @@ class TieWatcher:
             else:
                 if not rep.requires_grad:
                     self._fingerprints[g.label] = Fingerprint(rep)
-                self._ref_norm[g.label] = float(torch.linalg.vector_norm(by_name[first_in].param.detach().float()))
+                ref = by_name[first_in].param
+                sq = float(torch.linalg.vector_norm(local_tensor(ref).detach().float())) ** 2
+                self._ref_norm[g.label] = sq if is_sharded(ref) else sq / world()[1]  # additive share; see below
             for m in g.output_members:
                 self._pairs.append((g, first_in, m.name))
                 self._pair_adapters[(first_in, m.name)] = (
                     _adapter_tensors(by_name[m.name].parts) + _adapter_tensors(by_name[first_in].parts))
+        # Every rank must see the same groups (the per-check vector has one entry per pair); then add up the
+        # reference norms' shares (sharded: this rank's rows; replicated: 1/world of the full value).
+        check_same_on_all_ranks([(g.label, g.names, g.physical) for g in self.groups], "tie groups")
+        labels = sorted(self._ref_norm)
+        self._ref_norm = dict(zip(labels, (math.sqrt(max(v, 0.0)) for v in
+                                           all_reduce_sum([self._ref_norm[k] for k in labels]))))
+        self._no_divergence = set()
         self.captured = True
         rows = [r for g in self.groups for r in g.as_rows()]
         self.events.emit(
@@ -201,7 +225,7 @@ class TieWatcher:
         every element is covered once per rotation)."""
         from .fingerprint import CHUNK_ELEMS
 
-        tensors = self._pair_adapters[(n_in, n_out)]
+        tensors = [local_tensor(t).detach().reshape(-1) for t in self._pair_adapters[(n_in, n_out)]]
         total = sum(t.numel() for t in tensors)
         if not total:
             return True
@@ -210,10 +234,29 @@ class TieWatcher:
         end, offset = start + CHUNK_ELEMS, 0
         for t in tensors:
             lo, hi = max(start - offset, 0), min(end - offset, t.numel())
-            if lo < hi and not bool(torch.isfinite(t.detach().reshape(-1)[lo:hi]).all()):
+            if lo < hi and not bool(torch.isfinite(t[lo:hi]).all()):
                 return False
             offset += t.numel()
         return True
+
+    def _divergence_share(self, g: TieGroup, p_in: torch.Tensor, p_out: torch.Tensor, n_in: str,
+                          n_out: str) -> float | None:
+        """This rank's additive share of ‖W_out,eff − W_in,eff‖_F² (the full value when not distributed), or
+        ``None`` when it cannot be computed without gathering a full matrix (then never tried again, with one
+        warning)."""
+        parts_in, parts_out = self._watched[n_in].bp.parts, self._watched[n_out].bp.parts
+        with gathered(self._pair_adapters[(n_in, n_out)]):
+            e_in, e_out = effective_weight(p_in, parts_in), effective_weight(p_out, parts_out)
+            try:
+                e_out, e_in, sharded = local_views(e_out, e_in)
+            except ShardingUnsupported as exc:
+                self._no_divergence.add(g.label)
+                self.events.emit("setup_warning", 0, "warning",
+                                 f"divergence of {g.label} is not computed on sharded weights ({exc}); ties, frozen "
+                                 "shared weights and NaN/Inf are still checked every check.")
+                return None
+            sq = float(divergence_sq(e_out, e_in))
+        return sq if sharded else sq / world()[1]
 
     def _resolve(self) -> dict[str, torch.Tensor]:
         """Current tensor of every watched name still present in the model."""
@@ -265,21 +308,25 @@ class TieWatcher:
                         f"NaN/Inf in the adapter of {g.label}. Fix: lower the learning rate or enable gradient "
                         "clipping, and resume from the last good checkpoint.",
                     ))
-            for g, n_in, n_out in self._pairs if divergence else ():
-                if n_in not in current or n_out not in current or g.label in self._offloaded:
+            shares: list[float | None] = [None] * len(self._pairs)
+            for i, (g, n_in, n_out) in enumerate(self._pairs if divergence else ()):
+                if n_in not in current or n_out not in current or g.label in self._offloaded | self._no_divergence:
                     continue
-                w_in, w_out = self._watched[n_in].bp, self._watched[n_out].bp
-                e_in = effective_weight(current[n_in], w_in.parts)
-                e_out = effective_weight(current[n_out], w_out.parts)
-                d = math.sqrt(max(float(divergence_sq(e_out, e_in)), 0.0))
-                rel = d / self._ref_norm[g.label] if self._ref_norm[g.label] > 0 else d
-                res.divergence[g.label] = rel
-                if not math.isfinite(rel) or (current[n_in].requires_grad and not all_finite(current[n_in])):
+                shares[i] = share = self._divergence_share(g, current[n_in], current[n_out], n_in, n_out)
+                if share is None:
+                    continue
+                if not math.isfinite(share) or (current[n_in].requires_grad and not all_finite(local_tensor(current[n_in]))):
                     res.findings.append(Finding(
                         "nonfinite", g.label,
                         f"NaN/Inf in the effective weights of {g.label} ({n_out} vs {n_in}). Fix: lower the "
                         "learning rate or enable gradient clipping, and resume from the last good checkpoint.",
                     ))
+        if is_distributed():
+            res.findings, shares = _combine(res.findings, shares)
+        for (g, _, _), share in zip(self._pairs, shares):
+            if share is not None:
+                d = math.sqrt(max(share, 0.0)) if math.isfinite(share) else float("nan")
+                res.divergence[g.label] = d / self._ref_norm[g.label] if self._ref_norm[g.label] > 0 else d
         res.seconds = time.perf_counter() - t0
         self.last_divergence = dict(res.divergence)
         self.last_result = res
@@ -289,8 +336,21 @@ class TieWatcher:
             metrics.update({"breaks": len(res.findings), "check_seconds": res.seconds})
             self.events.emit("check", step, "debug", "", metrics=metrics)
             for f in res.findings:
-                self.events.emit("break", step, "error", f.message, data={"kind": f.kind, "group": f.group})
+                where = f" (rank{'s' if len(f.ranks) > 1 else ''} {', '.join(map(str, f.ranks))})" if f.ranks else ""
+                self.events.emit("break", step, "error", f.message + where,
+                                 data={"kind": f.kind, "group": f.group, "ranks": list(f.ranks)})
         return res
+
+
+def _combine(findings: list[Finding], shares: list[float | None]) -> tuple[list[Finding], list[float | None]]:
+    """Add up findings and divergence shares over ranks: one ``all_reduce``; the findings' messages are gathered
+    only when some rank found something (see :mod:`tie_guard.distributed`)."""
+    vec = all_reduce_sum([float(len(findings))] + [0.0 if s is None else s for s in shares])
+    total = [None if s is None else v for s, v in zip(shares, vec[1:])]
+    if vec[0] == 0:
+        return [], total
+    merged = gather_findings([(f.kind, f.group, f.message) for f in findings])
+    return [Finding(k, g, m, ranks) for k, g, m, ranks in merged], total
 
 
 def _adapter_tensors(parts) -> list[torch.Tensor]:

@@ -1,0 +1,249 @@
+"""Rank awareness: local views of sharded parameters, one collective per check, and the full state dict for the merge.
+
+Facts relied on (torch 2.13, accelerate 1.15, deepspeed 0.16+):
+
+* FSDP2 (``torch.distributed.fsdp.fully_shard``) replaces each parameter by a ``DTensor`` sharded on dim 0
+  (``Shard(0)``); tied parameters stay one object (``embed_tokens.weight is lm_head.weight``). Between steps the
+  parameters are sharded, so every rank holds the same row range of every vocab × hidden matrix and of every
+  LoRA ``B`` (vocab × r), and a slice of the rows of LoRA ``A`` (r × hidden).
+* DDP keeps a full replica per rank; the values are equal on every rank after each optimizer step.
+* DeepSpeed ZeRO-3 replaces ``param.data`` with an empty tensor; the parameter keeps ``ds_id`` / ``ds_numel`` and
+  its flat local partition in ``param.ds_tensor``. Values are read under ``deepspeed.zero.GatheredParameters``.
+
+A check computes, on each rank, the findings and an additive share of each squared divergence (the local rows'
+sum for sharded matrices, ``1 / world_size`` of the full value for replicated ones); :func:`combine` adds them up
+with one ``all_reduce`` of a small float64 vector (1 + number of watched pairs entries). Only when some rank found
+something, a second collective (``all_gather_object``) brings the findings' messages together so the main process
+reports each once, with the ranks that saw it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from .effective import EffectiveWeight
+from .errors import TieGuardError
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    """True when more than one rank takes part (an initialised default process group of size > 1)."""
+    return world()[1] > 1
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, or when not distributed."""
+    return world()[0] == 0
+
+
+def _device() -> torch.device:
+    """Device the default backend exchanges tensors on (NCCL: the current CUDA device; gloo: CPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def is_zero3(t: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 partitioned parameter (identified by its ``ds_id``)."""
+    return hasattr(t, "ds_id")
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return is_dtensor(t) or is_zero3(t)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The values this rank holds: a DTensor's local shard, a ZeRO-3 parameter's flat partition, else ``t``."""
+    if is_dtensor(t):
+        return t.to_local()
+    if is_zero3(t) and getattr(t, "ds_tensor", None) is not None:
+        return t.ds_tensor
+    return t
+
+
+def _row_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a DTensor, laid out as ``Shard(0)`` (redistributed first if it is sharded otherwise)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),) * len(t.placements):
+        t = t.redistribute(t.device_mesh, [Shard(0)] * t.device_mesh.ndim)
+    return t.to_local()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+class ShardingUnsupported(TieGuardError):
+    """The divergence of a group cannot be computed on this rank's shards without gathering a vocab × hidden
+    matrix; the watcher then skips that metric (ties, frozen weights and NaN are still checked)."""
+
+
+def local_views(out: EffectiveWeight, inp: EffectiveWeight) -> tuple[EffectiveWeight, EffectiveWeight, bool]:
+    """Rewrite a pair of effective weights so :func:`tie_guard.effective.divergence_sq` gives this rank's additive
+    share of the squared divergence.
+
+    Returns ``(out, inp, sharded)``. When nothing is sharded, the inputs unchanged and ``False`` (the caller scales
+    the full value by ``1 / world_size``). For FSDP2 DTensors: bases and low-rank ``U`` factors (rows × r) become
+    this rank's rows, low-rank ``V`` factors (r × cols, small) are gathered whole (``full_tensor``: one
+    all-gather of r × cols elements per factor), and ``True``. Under ZeRO-3, a pair on one shared base whose changes
+    are low-rank is computed from the gathered factors only (the shared base cancels), ``False``.
+
+    Raises:
+        ShardingUnsupported: row replacements (trainable tokens) or dense deltas on sharded weights, and ZeRO-3
+            pairs that would need the full base matrix.
+    """
+    tensors = [out.base, inp.base] + [x for e in (out, inp) for uv in (e.lowrank or []) for x in uv]
+    if not any(is_sharded(t) for t in tensors):
+        return out, inp, False
+    for e in (out, inp):
+        if e.kind not in ("zero", "lowrank"):
+            raise ShardingUnsupported(f"divergence over a sharded '{e.kind}' change is not computed shard-locally")
+    if any(is_zero3(t) for t in tensors):
+        if out.base is not inp.base:
+            raise ShardingUnsupported("under ZeRO-3, divergence is computed only for one shared base with LoRA deltas")
+        return out, inp, False  # factors are read under GatheredParameters by the caller (see gathered())
+
+    def rows(t):
+        return _row_shard(t) if is_dtensor(t) else t
+
+    def view(e: EffectiveWeight) -> EffectiveWeight:
+        terms = [(rows(u), _full(v)) for u, v in (e.lowrank or [])]
+        return replace(e, base=rows(e.base), lowrank=terms or e.lowrank)
+
+    out_v, in_v = view(out), view(inp)
+    if out.base is inp.base:  # one tied parameter: keep one local object so the shared base cancels exactly
+        in_v = replace(in_v, base=out_v.base)
+    n = out_v.base.shape[0]
+    if any(u.shape[0] != n for e in (out_v, in_v) for u, _ in (e.lowrank or [])) or in_v.base.shape[0] != n:
+        raise ShardingUnsupported("the low-rank factors are not sharded like the weight rows")
+    return out_v, in_v, True
+
+
+@contextlib.contextmanager
+def gathered(tensors: list[torch.Tensor]):
+    """Read ZeRO-3 partitioned parameters in full inside the block (``deepspeed.zero.GatheredParameters``, read
+    only); a no-op for anything else. Collective: every rank must enter it with the same parameters."""
+    zero = [t for t in tensors if is_zero3(t)]
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
+        yield
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks of a float64 vector (one ``all_reduce``); the values themselves when alone."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def gather_findings(local: list[tuple[str, str, str]]) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """All ranks' findings ``(kind, group, message)``, deduplicated, each with the ranks that found it, in the order
+    of the lowest such rank. One ``all_gather_object``; every rank must call it."""
+    per_rank: list = [None] * world()[1]
+    dist.all_gather_object(per_rank, local)
+    merged: dict[tuple[str, str, str], list[int]] = {}
+    for r, items in enumerate(per_rank):
+        for item in items:
+            merged.setdefault(tuple(item), []).append(r)
+    return [(k, g, m, tuple(ranks)) for (k, g, m), ranks in merged.items()]
+
+
+def check_same_on_all_ranks(signature, what: str) -> None:
+    """Raise on every rank when ``signature`` (any picklable value) differs between ranks.
+
+    Raises:
+        TieGuardError: naming the ranks and the fix.
+    """
+    if not is_distributed():
+        return
+    per_rank: list = [None] * world()[1]
+    dist.all_gather_object(per_rank, signature)
+    if any(s != per_rank[0] for s in per_rank):
+        detail = "; ".join(f"rank {r}: {s}" for r, s in enumerate(per_rank))
+        raise TieGuardError(
+            f"ranks see different {what} ({detail}). Every rank must build and wrap the model the same way. Fix: "
+            "load the model, apply PEFT and tie_weights() identically on every rank before accelerator.prepare, "
+            "and start tie_guard after prepare on every rank.")
+
+
+def has_sharded_parameters(model: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on CPU, on the main process; ``{}`` elsewhere.
+
+    FSDP2: ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with ``full_state_dict=True,
+    cpu_offload=True`` (collective; gathers one parameter at a time, so peak memory is one full parameter on the
+    main process). ZeRO-3: each parameter gathered with ``GatheredParameters`` in turn. Every rank must call it.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if any(is_zero3(p) for p in params.values()):
+        out = {}
+        for name, p in params.items():
+            with gathered([p]):
+                if is_main_process():
+                    out[name] = p.detach().cpu().clone()
+        if is_main_process():
+            out.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+        return out
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if is_main_process() else {}
+
+
+def unsharded_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded, CPU) copy of a sharded transformers model or ``PeftModel``, built from its config (and
+    PEFT configs) and loaded from ``state_dict`` (from :func:`full_state_dict`). Ties are rebuilt the way the model
+    declares them (``tie_weights()``), so tied names load into one parameter. The sharded model is only read.
+
+    Raises:
+        TieGuardError: keys of the state dict do not match the rebuilt model (other than tied duplicates).
+    """
+    import copy
+
+    from peft import PeftModel, get_peft_model
+
+    is_peft = isinstance(model, PeftModel)
+    base = model.get_base_model() if is_peft else model
+    dtype = next(iter(state_dict.values())).dtype if state_dict else torch.float32
+    with torch.device("cpu"):
+        replica = type(base)(copy.deepcopy(base.config))
+    replica.to(dtype)
+    if is_peft:
+        names = list(model.peft_config)
+        replica = get_peft_model(replica, copy.deepcopy(model.peft_config[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            replica.add_adapter(name, copy.deepcopy(model.peft_config[name]))
+        replica.set_adapter(model.active_adapter)
+    result = replica.load_state_dict(state_dict, strict=False)
+    own = dict(replica.named_parameters(remove_duplicate=False))
+    missing = [k for k in result.missing_keys if k in own and not any(own[k] is own[o] for o in state_dict if o in own)]
+    if missing or result.unexpected_keys:
+        raise TieGuardError(
+            f"the full state dict does not match the model rebuilt from its config (missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}). Fix: gather the state dict of the model being trained "
+            "(the one passed to tie_guard), after accelerator.prepare.")
+    return replica.eval()

@@ -1,0 +1,233 @@
+"""``TieGuard``: the one core behind the Trainer callback and the Accelerate-loop hook.
+
+It owns a run's lifecycle: :meth:`TieGuard.start` (capture), :meth:`TieGuard.step` (periodic checks, combined over
+ranks), :meth:`TieGuard.finish` (last check, verified merge, summary). Front doors only translate their framework's
+events into these three calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+from .atomic import write_json_atomic
+from .config import TieGuardConfig
+from .distributed import full_state_dict, has_sharded_parameters, is_distributed, is_main_process, unsharded_replica
+from .errors import TieBrokenError, TieGuardError
+from .events import EventLog
+from .merge import REPORT_NAME, safe_merge_and_unload
+from .peft_layout import PeftModel
+from .wandb_sink import resolve_wandb
+from .watch import CheckResult, TieWatcher
+
+#: File written into ``Accelerator.save_state`` checkpoints: the captured baseline and the check at save time.
+STATE_NAME = "tie_guard_state.json"
+
+
+class TieGuard:
+    """Capture, watch and merge the tie groups of one training run.
+
+    In a distributed run every rank creates a ``TieGuard`` and makes the same calls in the same order (checks are
+    collective: one ``all_reduce`` per check); only the main process (global rank 0) writes the JSONL file, logs to
+    W&B and Python logging, and saves the merged model.
+
+    Args:
+        config: a :class:`TieGuardConfig`; keyword arguments override its fields.
+        output_dir: run directory; the JSONL event file and ``config.merged_dir`` are relative to it.
+        main_process: whether this process writes; default: global rank 0 of torch.distributed (or the only one).
+    Attributes:
+        watcher: the :class:`TieWatcher` (after :meth:`start`).
+        status: ``"not_started"``, ``"ok"``, ``"broken"`` or ``"merge_failed"``.
+        should_stop: set when a check found a break and ``on_break="stop"``.
+        merge_report / merged_model: from the end-of-run merge (main process only).
+    """
+
+    def __init__(self, config: TieGuardConfig | None = None, output_dir: str | Path = ".",
+                 main_process: bool | None = None, **overrides):
+        self.config = dataclasses.replace(config or TieGuardConfig(), **overrides)
+        self.output_dir = Path(output_dir)
+        self.main_process = is_main_process() if main_process is None else main_process
+        self.watcher: TieWatcher | None = None
+        self.events: EventLog | None = None
+        self.merge_report = None
+        self.merged_model = None
+        self.status = "not_started"
+        self.should_stop = False
+        self.resume_baseline: dict | None = None
+        self.last_step = 0
+        self._wandb = None
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def start(self, model: nn.Module, step: int = 0) -> list:
+        """Capture the tie groups of ``model`` (after ``accelerator.prepare`` / wrapping, on every rank), log them, and
+        compare with ``resume_baseline`` when resuming. Returns the groups.
+
+        Raises:
+            TieGuardError: ranks see different tie groups (distributed runs).
+        """
+        main = self.main_process
+        if main:
+            self._wandb = resolve_wandb(self.config.wandb, self.config.wandb_project, self.output_dir)
+        jsonl = self.output_dir / self.config.events_file if (main and self.config.events_file) else None
+        self.events = EventLog(jsonl, self._wandb if main else None, log=main)
+        self.watcher = TieWatcher(model, self.events)
+        groups = self.watcher.capture(step)
+        self.status, self.last_step = "ok", step
+        if self.resume_baseline:
+            findings = self.watcher.compare_baseline(self.resume_baseline)
+            for f in findings:
+                self.events.emit("break", step, "error", f.message, data={"kind": f.kind, "group": f.group})
+            if findings:
+                self.status = "broken"
+            else:
+                self.events.emit("resume", step, "info", f"resumed at step {step}: tie groups and frozen shared "
+                                 "weights match the checkpoint")
+        return groups
+
+    def step(self, step: int) -> CheckResult | None:
+        """Call after every optimizer step (on every rank). Checks every ``config.check_every`` steps (divergence
+        every ``divergence_every``), handles findings per ``on_break``; returns the check or ``None`` when no check
+        was due.
+
+        Raises:
+            TieBrokenError: a finding with ``on_break="raise"`` (on every rank: findings are combined first).
+        """
+        self.last_step = step
+        every = self.config.check_every
+        if self.watcher is None or every <= 0 or step % every != 0:
+            return None
+        div_every = self.config.divergence_every or every
+        res = self.watcher.check(step, divergence=step % div_every == 0)
+        self._handle(res)
+        return res
+
+    def check_now(self, step: int | None = None) -> CheckResult:
+        """A full check (with divergence) right now, e.g. before a checkpoint is written; same handling as
+        :meth:`step`."""
+        step = self.last_step if step is None else step
+        res = self._require_watcher().check(step)
+        self._handle(res)
+        return res
+
+    def finish(self, model: nn.Module, step: int | None = None, tokenizer=None) -> dict:
+        """Last check, then (``merge_at_end`` and a PEFT model) the verified merge saved under
+        ``output_dir/merged_dir`` by the main process; then the summary. Call on every rank.
+
+        Sharded models (FSDP2 DTensors, ZeRO-3): the full state dict is gathered to the main process (collective),
+        loaded into an unsharded copy rebuilt from the model's config, and that copy is merged.
+
+        Returns:
+            the summary (status, breaks, groups, divergence, merge figures).
+        """
+        watcher = self._require_watcher()
+        step = self.last_step if step is None else step
+        last = watcher.last_result
+        reuse = last is not None and last.step == step and last.divergence
+        res = last if reuse else watcher.check(step)
+        self._handle(res, final=True)
+        summary = {"status": self.status, "breaks": watcher.n_findings, "groups": len(watcher.groups)}
+        summary.update({f"divergence/{k}": v for k, v in res.divergence.items()})
+        if self.config.merge_at_end and isinstance(model, PeftModel):
+            summary.update(self._merge(model, step, tokenizer))
+        elif self.config.merge_at_end:
+            self.events.emit("merge_skipped", step, "info",
+                             "no PEFT adapter to merge (full fine-tuning); the trained model itself keeps its ties: "
+                             "save it with trainer.save_model() / accelerator.save_model()")
+        summary["status"] = self.status
+        self.events.summary(summary)
+        if self._wandb is not None:
+            self._wandb.finish()
+        return summary
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Settings and captured baseline, JSON-serialisable (what a checkpoint carries)."""
+        baseline = self.watcher.baseline() if self.watcher is not None else self.resume_baseline
+        return {"args": dataclasses.asdict(self.config), "attributes": {"resume_baseline": baseline}}
+
+    def save_to(self, checkpoint_dir: str | Path) -> None:
+        """Check now (collective), and on the main process write :data:`STATE_NAME` (baseline + this check) into
+        ``checkpoint_dir`` atomically. Used as ``Accelerator.register_save_state_pre_hook``."""
+        res = self.check_now()
+        if self.main_process:
+            state = self.state_dict()
+            state["check"] = {"step": res.step, "ok": res.ok, "divergence": res.divergence,
+                              "findings": [dataclasses.asdict(f) for f in res.findings]}
+            write_json_atomic(Path(checkpoint_dir) / STATE_NAME, state)
+            if not res.ok:
+                self.events.emit("checkpoint", res.step, "error",
+                                 f"checkpoint {checkpoint_dir} was saved with {len(res.findings)} tie finding(s): "
+                                 "do not resume from it without fixing them", data={"dir": str(checkpoint_dir)})
+
+    def load_from(self, checkpoint_dir: str | Path) -> None:
+        """Read :data:`STATE_NAME` from a checkpoint (before :meth:`start`) so the resumed run compares with it."""
+        path = Path(checkpoint_dir) / STATE_NAME
+        if path.is_file():
+            self.resume_baseline = json.loads(path.read_text())["attributes"]["resume_baseline"]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _require_watcher(self) -> TieWatcher:
+        if self.watcher is None:
+            raise RuntimeError("TieGuard.start(model) must be called before checks or finish()")
+        return self.watcher
+
+    def _handle(self, res: CheckResult, final: bool = False) -> None:
+        if res.ok:
+            return
+        self.status = "broken"
+        if self.config.on_break == "raise" and not final:
+            raise TieBrokenError("; ".join(f.message for f in res.findings))
+        if self.config.on_break == "stop":
+            self.should_stop = True
+
+    def _merge(self, model: PeftModel, step: int, tokenizer) -> dict:
+        sharded = has_sharded_parameters(model)
+        source = model
+        if sharded:
+            state = full_state_dict(model)  # collective: every rank takes part
+            source = unsharded_replica(model, state) if self.main_process else None
+        out = {}
+        if self.main_process:
+            out = self._merge_on_main(source, step, tokenizer, inplace=sharded)
+        if is_distributed():
+            dist.barrier()  # ranks leave together, after the main process has saved and verified
+        return out
+
+    def _merge_on_main(self, model: PeftModel, step: int, tokenizer, inplace: bool) -> dict:
+        out = self.output_dir / self.config.merged_dir
+        try:
+            merged, report = safe_merge_and_unload(
+                model, self.config.tie_policy, output_dir=out, tokenizer=tokenizer, overwrite=True,
+                probe_shape=(self.config.probe_batch_size, self.config.probe_seq_len),
+                verify_reload=self.config.verify_reload, inplace=inplace,
+            )
+        except TieGuardError as exc:
+            self.status = "merge_failed"
+            report = getattr(exc, "report", None)
+            self.events.emit("merge", step, "error", f"merge failed: {exc}", metrics={"merge/verified": 0},
+                             data={"report": report.to_dict() if report is not None else None})
+            return {"merge/verified": False}
+        self.merge_report, self.merged_model = report, merged
+        write_json_atomic(self.output_dir / REPORT_NAME, report.to_dict())
+        metrics = {
+            "merge/verified": 1,
+            "merge/max_abs_logit_diff": report.max_abs_logit_diff,
+            "merge/logits_match": int(report.logits_match),
+            "merge/logit_tolerance": report.logit_tolerance,
+            "merge/input_embeddings_bit_identical": int(report.input_embeddings_bit_identical),
+            "merge/seconds": sum(report.seconds.values()),
+        }
+        if report.reload_max_abs_logit_diff is not None:
+            metrics["merge/reload_max_abs_logit_diff"] = report.reload_max_abs_logit_diff
+        self.events.emit(
+            "merge", step, "info",
+            f"verified merge ({report.tie_policy}) saved to {out}: max |Δlogit| {report.max_abs_logit_diff:.3g} "
+            f"(tolerance {report.logit_tolerance:.3g}), input embeddings bit-identical: "
+            f"{report.input_embeddings_bit_identical}; " + "; ".join(report.actions),
+            metrics=metrics, data={"report": report.to_dict()},
+        )
+        return {**metrics, "merge/verified": True, "merged_dir": str(out)}
