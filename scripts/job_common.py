@@ -102,3 +102,15 @@ def finish(summary: dict, output_dir: str, prompt: str, max_new_tokens: int, dty
         summary["generation"] = gen
     Path(output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def end_of_run(is_main_process: bool, model, guard, compare_plain_merge: bool, output_dir: str, prompt: str,
+               max_new_tokens: int, dtype) -> dict:
+    """After training, on the main process only (other ranks return ``{}``): the summary, PEFT's plain merge on a
+    copy for comparison (unsharded models only), then reload the merged model and generate."""
+    from tie_guard.distributed import has_sharded_parameters
+
+    if not is_main_process:
+        return {}
+    compare = compare_plain_merge and not has_sharded_parameters(model)
+    return finish(summarize(model, guard, compare), output_dir, prompt, max_new_tokens, dtype)

@@ -20,7 +20,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import build_dataset  # noqa: E402
-from job_common import finish, load_model_and_tokenizer, summarize  # noqa: E402
+from job_common import end_of_run, load_model_and_tokenizer  # noqa: E402
 
 from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
 from tie_guard.packaged import chitchat_conversations  # noqa: E402
@@ -66,8 +66,8 @@ def main(argv=None):
     if data_args.save_adapter:
         trainer.save_model(str(Path(training_args.output_dir) / "adapter"))  # the adapter model is left intact
 
-    summary = summarize(model, guard, data_args.compare_plain_merge)
-    return finish(summary, training_args.output_dir, data_args.prompt, data_args.max_new_tokens, dtype)
+    return end_of_run(trainer.is_world_process_zero(), model, guard, data_args.compare_plain_merge,
+                      training_args.output_dir, data_args.prompt, data_args.max_new_tokens, dtype)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from datasets import Dataset
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_common import finish, load_model_and_tokenizer, summarize  # noqa: E402
+from job_common import end_of_run, load_model_and_tokenizer  # noqa: E402
 
 from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
 from tie_guard.packaged import chitchat_conversations  # noqa: E402
@@ -82,8 +82,8 @@ def main(argv=None):
     print("PEFT config after SFTTrainer:", {k: getattr(trainer.model.peft_config["default"], k)
                                           for k in ("target_modules", "modules_to_save", "trainable_token_indices")})
     trainer.train()
-    summary = summarize(trainer.model, guard, script_args.compare_plain_merge)
-    return finish(summary, sft_args.output_dir, script_args.prompt, script_args.max_new_tokens, dtype)
+    return end_of_run(trainer.is_world_process_zero(), trainer.model, guard, script_args.compare_plain_merge,
+                      sft_args.output_dir, script_args.prompt, script_args.max_new_tokens, dtype)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,8 @@ def test_bitsandbytes_base_is_watched_and_its_merge_refused(bits, tmp_path):
     res = watcher.check(1)
     assert res.ok and 0 < res.divergence["lm_head"] < float("inf")
     before = {k: v.clone() for k, v in pm.state_dict().items()}
-    with pytest.raises(UnsupportedAdapterError, match=rf"quantized \({layer}\).*impossible.*Fix: load the base unquantized"):
+    with pytest.raises(UnsupportedAdapterError,
+                       match=rf"quantized \({layer}\).*impossible.*Fix: load the base unquantized"):
         safe_merge_and_unload(pm, output_dir=tmp_path / "out")
     after = pm.state_dict()
     assert before.keys() == after.keys()

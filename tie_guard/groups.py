@@ -266,9 +266,11 @@ def find_tied_groups(model: nn.Module) -> list[TieGroup]:
                     touched_by=tuple(p.describe() for p in bp.parts),
                     requires_grad=bool(bp.param.requires_grad),
                     dtype=str(bp.param.dtype),
-                    shape=tuple(bp.param.shape),
+                    # ZeRO-3 empties param.data and keeps the real shape in ds_shape (DTensor.shape is global)
+                    shape=tuple(getattr(bp.param, "ds_shape", bp.param.shape)),
                 )
             )
-        nbytes = max(by_name[n].param.numel() * by_name[n].param.element_size() for n in comp)
+        nbytes = max(getattr(by_name[n].param, "ds_numel", by_name[n].param.numel()) * by_name[n].param.element_size()
+                     for n in comp)
         groups.append(TieGroup(members=tuple(members), status=status, nbytes=nbytes, config_flags=flags))
     return sorted(groups, key=lambda g: g.members[0].name)

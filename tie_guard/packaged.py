@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .atomic import atomic_directory
 
@@ -107,13 +108,16 @@ def packaged_checkpoint(name: str) -> Path:
     stamp = f"{src.name}-{src.stat().st_size}"
     dest = cache_root() / "models" / name
     marker = dest / "tie_guard_source.json"
-    if marker.exists() and json.loads(marker.read_text()).get("source") == stamp:
-        return dest
-    model, tok = load_gguf(src)
-    with atomic_directory(dest, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "tie_guard_source.json").write_text(json.dumps({"source": stamp}))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (several ranks of an `accelerate launch` may ask at once); the others wait, then reuse.
+    with FileLock(str(dest) + ".lock"):
+        if marker.exists() and json.loads(marker.read_text()).get("source") == stamp:
+            return dest
+        model, tok = load_gguf(src)
+        with atomic_directory(dest, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "tie_guard_source.json").write_text(json.dumps({"source": stamp}))
     return dest
 
 

@@ -87,7 +87,8 @@ def _touch_signature(bp: BaseParameter) -> frozenset:
     for part in bp.parts:
         for name, t in part.wrapper.named_parameters():
             if not name.startswith(("base_layer.", "original_module.", "token_adapter.base_layer.")):
-                sig.add((part.kind, t.untyped_storage().data_ptr() if t.device.type != "meta" and not is_sharded(t) else id(t)))
+                by_storage = t.device.type != "meta" and not is_sharded(t)
+                sig.add((part.kind, t.untyped_storage().data_ptr() if by_storage else id(t)))
     return frozenset(sig)
 
 
@@ -315,7 +316,8 @@ class TieWatcher:
                 shares[i] = share = self._divergence_share(g, current[n_in], current[n_out], n_in, n_out)
                 if share is None:
                     continue
-                if not math.isfinite(share) or (current[n_in].requires_grad and not all_finite(local_tensor(current[n_in]))):
+                trained_base = current[n_in].requires_grad
+                if not math.isfinite(share) or (trained_base and not all_finite(local_tensor(current[n_in]))):
                     res.findings.append(Finding(
                         "nonfinite", g.label,
                         f"NaN/Inf in the effective weights of {g.label} ({n_out} vs {n_in}). Fix: lower the "

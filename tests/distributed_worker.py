@@ -1,0 +1,166 @@
+"""Worker for tests/test_distributed.py, started on 2 gloo ranks with
+``accelerate launch --config_file configs/accelerate/two_process_test.yaml tests/distributed_worker.py SCENARIO OUT``.
+
+Scenarios (each writes ``OUT/rank<r>.json`` with what that rank saw; the test asserts on them and on rank 0's files):
+
+* ``trainer``: ``transformers.Trainer`` (DDP) + ``TieGuardCallback`` on a tiny tied Llama with LoRA on the head:
+  run ``clean`` trains and merges; run ``broken`` breaks the tie on rank 1 only at step 2 (``on_break="stop"``).
+* ``loop``: a custom Accelerate loop with ``guard_accelerator``: run ``clean`` saves state at step 2 and merges at
+  the end; run ``mismatch`` builds rank 1's model untied, so the ranks see different tie groups.
+* ``fsdp2``: the same loop on a model sharded with FSDP2 ``fully_shard`` (decoder layers, then the root): run
+  ``clean`` merges from the full state dict; run ``broken`` writes into rank 1's shard of the frozen shared weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from tie_guard import TieGuardCallback, guard_accelerator  # noqa: E402
+
+VOCAB, SEQ = 256, 16
+
+
+def tiny_tied_llama(tied: bool = True) -> LlamaForCausalLM:
+    """Deterministic (seed 0) on every rank, so ranks start from the same weights."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
+def lora(model):
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64):
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def write(out: Path, rank: int, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
+
+
+class BreakTieOnRank(TrainerCallback):
+    """Gives rank ``rank``'s LM head its own matrix at optimizer step ``step`` (a tie broken on one rank only)."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step and args.process_index == self.rank:
+            head = model.get_base_model().lm_head.base_layer
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
+def trainer_run(out: Path, broken: bool) -> dict:
+    model = lora(tiny_tied_llama())
+    args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", logging_steps=100, use_cpu=True, seed=0,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    guard = TieGuardCallback(check_every=1, on_break="stop" if broken else "warn", wandb="always")
+    # The break is injected before the guard's check of the same step (callbacks run in order).
+    callbacks = ([BreakTieOnRank(1, 2)] if broken else []) + [guard]
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=callbacks)
+    trainer.train()
+    return {"rank": args.process_index, "world": args.world_size, "global_step": trainer.state.global_step,
+            "status": guard.status, "divergence": guard.watcher.last_divergence,
+            "merged": guard.merge_report is not None}
+
+
+def loop_run(out: Path, fsdp2: bool, broken: bool) -> dict:
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    model = lora(tiny_tied_llama())
+    if fsdp2:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # embeddings + head: one shard group, the tie kept
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(RandomTokens(), batch_size=4)
+    if fsdp2:
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    guard = guard_accelerator(accelerator, model, output_dir=out, check_every=1,
+                              on_break="stop" if broken else "warn")
+    step = 0
+    for batch in loader:
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+        if broken and step == 2 and rank == 1:  # something writes into rank 1's shard of the frozen shared weight
+            w = accelerator.unwrap_model(model).get_base_model().model.embed_tokens.weight
+            with torch.no_grad():
+                (w.to_local() if hasattr(w, "to_local") else w)[0].add_(1.0)
+        guard.step(step)
+        if not broken and step == 2:
+            accelerator.save_state(str(out / "checkpoint-2"))
+        if guard.should_stop or step == 4:
+            break
+    summary = guard.finish(accelerator.unwrap_model(model))
+    accelerator.wait_for_everyone()
+    return {"rank": rank, "world": accelerator.num_processes, "global_step": step, "status": guard.status,
+            "divergence": guard.watcher.last_divergence, "summary": summary,
+            "sharded": type(accelerator.unwrap_model(model).get_base_model().lm_head.base_layer.weight).__name__}
+
+
+def mismatch_run(out: Path) -> dict:
+    from tie_guard import TieGuardError
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    model = lora(tiny_tied_llama(tied=rank != 1))
+    try:
+        guard_accelerator(accelerator, model, output_dir=out)
+        error = None
+    except TieGuardError as exc:
+        error = str(exc)
+    return {"rank": rank, "world": accelerator.num_processes, "error": error}
+
+
+def main(scenario: str, out: str) -> None:
+    out = Path(out)
+    for run in ("clean", "broken", "mismatch"):
+        if run == "mismatch":
+            if scenario != "loop":
+                continue
+            record = mismatch_run(out / run)
+        elif scenario == "trainer":
+            record = trainer_run(out / run, broken=run == "broken")
+        elif scenario in ("loop", "fsdp2"):
+            if scenario == "loop" and run == "broken":
+                continue
+            record = loop_run(out / run, fsdp2=scenario == "fsdp2", broken=run == "broken")
+        else:
+            raise SystemExit(f"unknown scenario {scenario!r}")
+        write(out / run, record["rank"], record)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
