@@ -6,9 +6,11 @@ Scenarios (each writes ``OUT/rank<r>.json`` with what that rank saw; the test as
 * ``trainer``: ``transformers.Trainer`` (DDP) + ``TieGuardCallback`` on a tiny tied Llama with LoRA on the head:
   run ``clean`` trains and merges; run ``broken`` breaks the tie on rank 1 only at step 2 (``on_break="stop"``).
 * ``loop``: a custom Accelerate loop with ``guard_accelerator``: run ``clean`` saves state at step 2 and merges at
-  the end; run ``mismatch`` builds rank 1's model untied, so the ranks see different tie groups.
+  the end; run ``resume`` resumes from that checkpoint with the tie broken before the resume; run
+  ``mismatch`` builds rank 1's model untied, so the ranks see different tie groups.
 * ``fsdp2``: the same loop on a model sharded with FSDP2 ``fully_shard`` (decoder layers, then the root): run
-  ``clean`` merges from the full state dict; run ``broken`` writes into rank 1's shard of the frozen shared weight.
+  ``clean`` merges from the full state dict; run ``broken`` writes into rank 1's shard of the frozen shared weight;
+  run ``split`` shards the input embedding in its own group (which splits the tie).
 """
 
 from __future__ import annotations
@@ -87,18 +89,40 @@ def trainer_run(out: Path, broken: bool) -> dict:
             "merged": guard.merge_report is not None}
 
 
+def shard(model, world: int, split_embedding: bool = False):
+    """FSDP2: each decoder layer its own shard group, then the root (embeddings + tied head: one group). With
+    ``split_embedding`` the input embedding gets its own group first (which splits the tie)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    if split_embedding:
+        fully_shard(model.get_base_model().model.embed_tokens, mesh=mesh)
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def comm_counts(guard, step: int) -> dict:
+    """Collectives one check issues, with and without the divergence (torch's CommDebugMode counts both DTensor
+    collectives and c10d calls)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    out = {}
+    for divergence in (False, True):
+        with CommDebugMode() as mode:
+            guard.watcher.check(step, emit=False, divergence=divergence)
+        out[f"divergence={divergence}"] = {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
+    return out
+
+
 def loop_run(out: Path, fsdp2: bool, broken: bool) -> dict:
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     model = lora(tiny_tied_llama())
     if fsdp2:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (accelerator.num_processes,))
-        for layer in model.get_base_model().model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # embeddings + head: one shard group, the tie kept
+        shard(model, accelerator.num_processes)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loader = torch.utils.data.DataLoader(RandomTokens(), batch_size=4)
     if fsdp2:
@@ -123,14 +147,35 @@ def loop_run(out: Path, fsdp2: bool, broken: bool) -> dict:
             accelerator.save_state(str(out / "checkpoint-2"))
         if guard.should_stop or step == 4:
             break
+    comms = comm_counts(guard, step) if not broken else None
     summary = guard.finish(accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
     return {"rank": rank, "world": accelerator.num_processes, "global_step": step, "status": guard.status,
-            "divergence": guard.watcher.last_divergence, "summary": summary,
+            "divergence": guard.watcher.last_divergence, "summary": summary, "comm_counts": comms,
             "sharded": type(accelerator.unwrap_model(model).get_base_model().lm_head.base_layer.weight).__name__}
 
 
+def resume_run(out: Path, checkpoint: Path) -> dict:
+    """Resume from the clean run's save_state checkpoint with the tie broken (on every rank) before the resume."""
+    accelerator = Accelerator(cpu=True)
+    model = lora(tiny_tied_llama())
+    head = model.get_base_model().lm_head.base_layer
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    guard = guard_accelerator(accelerator, model, output_dir=out, step=2, resume_from=checkpoint)
+    return {"rank": accelerator.process_index, "world": accelerator.num_processes, "status": guard.status}
+
+
+def split_run(out: Path) -> dict:
+    """FSDP2 with the input embedding in its own shard group: the tie is split; the capture says why."""
+    accelerator = Accelerator(cpu=True)
+    model = shard(lora(tiny_tied_llama()), accelerator.num_processes, split_embedding=True)
+    guard = guard_accelerator(accelerator, model, output_dir=out)
+    return {"rank": accelerator.process_index, "world": accelerator.num_processes, "status": guard.status,
+            "groups": [(g.names, g.status) for g in guard.watcher.groups]}
+
+
 def mismatch_run(out: Path) -> dict:
+    """Rank 1 builds its model untied: the ranks see different tie groups and must fail together."""
     from tie_guard import TieGuardError
 
     accelerator = Accelerator(cpu=True)
@@ -144,21 +189,22 @@ def mismatch_run(out: Path) -> dict:
     return {"rank": rank, "world": accelerator.num_processes, "error": error}
 
 
+RUNS = {
+    "trainer": {"clean": lambda out: trainer_run(out / "clean", broken=False),
+                "broken": lambda out: trainer_run(out / "broken", broken=True)},
+    "loop": {"clean": lambda out: loop_run(out / "clean", fsdp2=False, broken=False),
+             "resume": lambda out: resume_run(out / "resume", out / "clean" / "checkpoint-2"),
+             "mismatch": lambda out: mismatch_run(out / "mismatch")},
+    "fsdp2": {"clean": lambda out: loop_run(out / "clean", fsdp2=True, broken=False),
+              "broken": lambda out: loop_run(out / "broken", fsdp2=True, broken=True),
+              "split": lambda out: split_run(out / "split")},
+}
+
+
 def main(scenario: str, out: str) -> None:
     out = Path(out)
-    for run in ("clean", "broken", "mismatch"):
-        if run == "mismatch":
-            if scenario != "loop":
-                continue
-            record = mismatch_run(out / run)
-        elif scenario == "trainer":
-            record = trainer_run(out / run, broken=run == "broken")
-        elif scenario in ("loop", "fsdp2"):
-            if scenario == "loop" and run == "broken":
-                continue
-            record = loop_run(out / run, fsdp2=scenario == "fsdp2", broken=run == "broken")
-        else:
-            raise SystemExit(f"unknown scenario {scenario!r}")
+    for run, fn in RUNS[scenario].items():
+        record = fn(out)
         write(out / run, record["rank"], record)
 
 

@@ -165,3 +165,32 @@ def test_example_accelerate_loop_on_smollm2(tmp_path, smollm2_dir):
     assert len(list(out.rglob("offline-run-*"))) == 1
     assert rec["summary"]["tie_guard/status"] == "ok" and rec["summary"]["tie_guard/merge/verified"] == 1
     assert [h["train/global_step"] for h in rec["history"] if "tie_guard/breaks" in h][:3] == [1, 2, 2]
+
+
+def test_one_small_collective_per_check(launched):
+    """torch's CommDebugMode around one check: DDP and FSDP2 issue one all_reduce; with the divergence, FSDP2 adds one
+    all-gather (the LoRA A factor, r × hidden): no vocab × hidden matrix is gathered."""
+    ddp = ranks(launched["loop"][0] / "clean")[0]["comm_counts"]
+    fsdp = ranks(launched["fsdp2"][0] / "clean")[0]["comm_counts"]
+    assert ddp == {"divergence=False": {"allreduce_": 1}, "divergence=True": {"allreduce_": 1}}
+    assert fsdp == {"divergence=False": {"allreduce_": 1},
+                    "divergence=True": {"all_gather_into_tensor": 1, "allreduce_": 1}}
+
+
+def test_resume_compares_with_the_save_state_checkpoint(launched):
+    out, log = launched["loop"]
+    r0, r1 = ranks(out / "resume")
+    assert r0["status"] == r1["status"] == "broken"
+    breaks = [e for e in read_events(out / "resume" / "tie_guard_events.jsonl") if e["event"] == "break"]
+    assert [(b["step"], b["data"]["kind"], b["data"]["ranks"]) for b in breaks] == [(2, "tie_broken", [0, 1])]
+    assert "since the checkpoint" in breaks[0]["message"] and log.count("since the checkpoint") == 1
+
+
+def test_fsdp2_shard_groups_that_split_a_tie_are_named(launched):
+    out, _ = launched["fsdp2"]
+    r0, _ = ranks(out / "split")
+    assert r0["groups"] == [[["model.embed_tokens.weight", "lm_head.weight"], "declared_not_tied"]]
+    errors = [e["message"] for e in read_events(out / "split" / "tie_guard_events.jsonl")
+              if e["event"] == "setup_warning" and e["level"] == "error"]
+    assert len(errors) == 1 and "model.embed_tokens.weight in model.embed_tokens" in errors[0]
+    assert "lm_head.weight in the root group" in errors[0] and "Fix: fully_shard only the decoder layers" in errors[0]

@@ -187,6 +187,21 @@ def check_same_on_all_ranks(signature, what: str) -> None:
             "and start tie_guard after prepare on every rank.")
 
 
+def fsdp_shard_group(root: torch.nn.Module, module_path: str) -> str | None:
+    """Path of the innermost FSDP2 module (``fully_shard``-ed, an ``FSDPModule``) at or above ``module_path`` inside
+    ``root``; ``None`` when that is ``root``'s wrapper or nothing (the outermost group)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return None
+    parts = module_path.split(".") if module_path else []
+    for i in range(len(parts), 0, -1):
+        path = ".".join(parts[:i])
+        if isinstance(root.get_submodule(path), FSDPModule):
+            return path
+    return None
+
+
 def has_sharded_parameters(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 

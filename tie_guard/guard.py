@@ -22,7 +22,7 @@ from .events import EventLog
 from .merge import REPORT_NAME, safe_merge_and_unload
 from .peft_layout import PeftModel
 from .wandb_sink import resolve_wandb
-from .watch import CheckResult, TieWatcher
+from .watch import CheckResult, TieWatcher, combine_over_ranks, emit_findings
 
 #: File written into ``Accelerator.save_state`` checkpoints: the captured baseline and the check at save time.
 STATE_NAME = "tie_guard_state.json"
@@ -79,8 +79,9 @@ class TieGuard:
         self.status, self.last_step = "ok", step
         if self.resume_baseline:
             findings = self.watcher.compare_baseline(self.resume_baseline)
-            for f in findings:
-                self.events.emit("break", step, "error", f.message, data={"kind": f.kind, "group": f.group})
+            if is_distributed():
+                findings, _ = combine_over_ranks(findings, [])
+            emit_findings(self.events, step, findings)
             if findings:
                 self.status = "broken"
             else:

@@ -13,9 +13,11 @@ from .distributed import (
     ShardingUnsupported,
     all_reduce_sum,
     check_same_on_all_ranks,
+    fsdp_shard_group,
     gather_findings,
     gathered,
     is_distributed,
+    is_dtensor,
     is_sharded,
     local_tensor,
     local_views,
@@ -193,7 +195,7 @@ class TieWatcher:
                 "shared weight or compute divergence (no values in memory). Fix: keep the embeddings on a device, "
                 "e.g. device_map={'model.embed_tokens': 0, 'lm_head': 0, ...}, to have them watched in full.",
                 data={"groups": offloaded})
-        for level, message in setup_warnings(self.groups, by_name) + stack_warnings(root, base_params):
+        for level, message in setup_warnings(self.groups, by_name, root) + stack_warnings(root, base_params):
             self.events.emit("setup_warning", step, level, message)
         return self.groups
 
@@ -324,7 +326,7 @@ class TieWatcher:
                         "learning rate or enable gradient clipping, and resume from the last good checkpoint.",
                     ))
         if is_distributed():
-            res.findings, shares = _combine(res.findings, shares)
+            res.findings, shares = combine_over_ranks(res.findings, shares)
         for (g, _, _), share in zip(self._pairs, shares):
             if share is not None:
                 d = math.sqrt(max(share, 0.0)) if math.isfinite(share) else float("nan")
@@ -337,16 +339,23 @@ class TieWatcher:
             metrics = {f"divergence/{k}": v for k, v in res.divergence.items()}  # absent without divergence
             metrics.update({"breaks": len(res.findings), "check_seconds": res.seconds})
             self.events.emit("check", step, "debug", "", metrics=metrics)
-            for f in res.findings:
-                where = f" (rank{'s' if len(f.ranks) > 1 else ''} {', '.join(map(str, f.ranks))})" if f.ranks else ""
-                self.events.emit("break", step, "error", f.message + where,
-                                 data={"kind": f.kind, "group": f.group, "ranks": list(f.ranks)})
+            emit_findings(self.events, step, res.findings)
         return res
 
 
-def _combine(findings: list[Finding], shares: list[float | None]) -> tuple[list[Finding], list[float | None]]:
-    """Add up findings and divergence shares over ranks: one ``all_reduce``; the findings' messages are gathered
-    only when some rank found something (see :mod:`tie_guard.distributed`)."""
+def emit_findings(events: EventLog, step: int, findings: list[Finding]) -> None:
+    """One ``break`` event (level error) per finding; in distributed runs the message ends with the ranks."""
+    for f in findings:
+        where = f" (rank{'s' if len(f.ranks) > 1 else ''} {', '.join(map(str, f.ranks))})" if f.ranks else ""
+        events.emit("break", step, "error", f.message + where,
+                    data={"kind": f.kind, "group": f.group, "ranks": list(f.ranks)})
+
+
+def combine_over_ranks(findings: list[Finding], shares: list[float | None]) -> tuple[list[Finding], list[float | None]]:
+    """Add up this rank's findings and divergence shares (``None``: not computed) over ranks: one ``all_reduce``; the
+    findings' messages are gathered only when some rank found something (see :mod:`tie_guard.distributed`).
+    Collective: every rank calls it with the same number of shares. Returns the findings of all ranks (each once,
+    with its ``ranks``) and the summed shares."""
     vec = all_reduce_sum([float(len(findings))] + [0.0 if s is None else s for s in shares])
     total = [None if s is None else v for s, v in zip(shares, vec[1:])]
     if vec[0] == 0:
@@ -389,10 +398,22 @@ def _partition_findings(before: list[list[str]], after: list[list[str]], groups:
     return out
 
 
-def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter]) -> list[tuple[str, str]]:
+def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter],
+                   root: nn.Module | None = None) -> list[tuple[str, str]]:
     """``(level, message)`` for setups that will hurt, each with its fix."""
     out = []
     for g in groups:
+        sharded = [n for n in g.names if is_dtensor(by_name[n].param)]
+        owners = {fsdp_shard_group(root, by_name[n].real_module_path) for n in sharded} if root is not None else set()
+        if g.status == "declared_not_tied" and len(owners) > 1:
+            where = ", ".join(f"{n} in {fsdp_shard_group(root, by_name[n].real_module_path) or 'the root group'}"
+                              for n in sharded)
+            out.append(("error",
+                        f"FSDP2 put the members of a tied group in different shard groups ({where}): fully_shard "
+                        "gave each its own parameter, so the tie is gone and they train apart. Fix: fully_shard "
+                        "only the decoder layers, then the whole model (accelerate's fsdp_version 2 with "
+                        "TRANSFORMER_BASED_WRAP does this), so tied weights stay one parameter in one group."))
+            continue
         if g.status == "declared_not_tied":
             out.append(("warning",
                         f"config declares {', '.join(g.names)} tied (tie_word_embeddings={g.config_flags}) but they "
