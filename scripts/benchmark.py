@@ -13,7 +13,8 @@ Prints a markdown table and writes JSON. Every figure is the median of ``--repea
    PEFT ``merge_and_unload`` vs naive clone-then-merge vs tie_guard (its merge phase alone, and the whole
    verified merge including its two probe forward passes);
 3. fingerprint throughput vs a plain copy of the same tensor;
-4. tie_guard's share of a short real training job's wall time (SmolLM2, 10 steps, callback defaults).
+4. tie_guard's share of a short real training job's wall time (SmolLM2, 10 steps, callback defaults);
+5. the check on 1 and on 2 ranks (``accelerate launch``, custom loop, SmolLM2): ms per check and % of a step.
 """
 
 from __future__ import annotations
@@ -221,6 +222,37 @@ def bench_job(smoke: bool, out_dir: Path) -> dict:
     return {"wall_s": wall, "tie_guard_s": guard, "merge_s": merge, "share": guard / wall}
 
 
+# ------------------------------------------------------------------------------------------------- 5. ranks
+def bench_distributed(smoke: bool, out_dir: Path) -> dict:
+    """The custom Accelerate loop on SmolLM2 at check_every=1 (divergence at every check), on 1 and on 2 ranks:
+    per-check time (including the per-check all_reduce on 2 ranks) and its share of a step (the time between
+    consecutive checks), both from rank 0's event log."""
+    import shutil
+
+    from tie_guard.events import read_events
+
+    out = {}
+    for n in (1, 2):
+        run = out_dir / f"bench_ranks_{n}"
+        shutil.rmtree(run, ignore_errors=True)
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "two_process_test.yaml"), "--num_processes", str(n),
+               str(ROOT / "scripts" / "train_accelerate_loop.py"), "--config", str(ROOT / "configs" / "smollm2_lora.yaml"),
+               "--output_dir", str(run), "--max_steps", "3" if smoke else "12", "--per_device_train_batch_size", "2",
+               "--max_length", "128", "--max_conversations", "40", "--check_every", "1", "--merge_at_end", "false",
+               "--report_to", "none"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "WANDB_MODE": "offline"})
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        checks = [e for e in read_events(run / "tie_guard_events.jsonl") if e["event"] == "check"]
+        check_s = [e["metrics"]["check_seconds"] for e in checks[1:]]
+        step_s = [b["time"] - a["time"] for a, b in zip(checks, checks[1:])]
+        out[str(n)] = {"check_s": stats(check_s), "step_s": stats(step_s),
+                       "share": stats([c / s for c, s in zip(check_s, step_s)])}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -240,6 +272,7 @@ def main(argv=None):
         w["fingerprint"] = bench_fingerprint(name, repeats, args.smoke)
         result["models"][name] = w
     result["job"] = bench_job(args.smoke, out.parent)
+    result["ranks"] = bench_distributed(args.smoke, out.parent)
     out.write_text(json.dumps(result, indent=2))
     print(render(result))
     print(f"\nJSON: {out}")
@@ -283,6 +316,11 @@ def render(r: dict) -> str:
     j = r["job"]
     lines.append(f"| tie_guard share of a 10-step SmolLM2 job | ≤ 5 % | {j['share'] * 100:.2f} % "
                  f"({j['tie_guard_s']:.1f} s of {j['wall_s']:.0f} s; merge+verify {j['merge_s']:.1f} s) | |")
+    d = r["ranks"]
+    lines.append("| tie_guard check on 1 / 2 ranks (ms; SmolLM2 Accelerate loop, with divergence) | "
+                 f"≤ 0.5 % of a step | {fmt(d['1']['check_s'], 1e3)} / {fmt(d['2']['check_s'], 1e3)} | |")
+    lines.append("| … as % of a step on 1 / 2 ranks | ≤ 0.5 % | "
+                 f"{d['1']['share']['median'] * 100:.3f} % / {d['2']['share']['median'] * 100:.3f} % | |")
     return "\n".join(lines)
 
 
