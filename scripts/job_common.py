@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +44,9 @@ def plain_peft_merge_numbers(peft_model, probe) -> dict:
     # The base model's own input embedding (under any PEFT wrapper), the same baseline tie_guard's report uses.
     emb_before = unwrapped_module(clone.get_base_model().get_input_embeddings()).weight.detach().clone()
     adapter = probe_logits(clone, probe)
-    merged = clone.merge_and_unload()
+    with warnings.catch_warnings():  # PEFT warns about exactly the damage this comparison sets out to measure
+        warnings.simplefilter("ignore", UserWarning)
+        merged = clone.merge_and_unload()
     emb_after = merged.get_input_embeddings().weight.detach()
     return {
         "input_embedding_rows_changed": int((emb_after != emb_before).any(dim=1).sum()),

@@ -162,7 +162,14 @@ def resume_run(out: Path, checkpoint: Path) -> dict:
     head = model.get_base_model().lm_head.base_layer
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     guard = guard_accelerator(accelerator, model, output_dir=out, step=2, resume_from=checkpoint)
-    return {"rank": accelerator.process_index, "world": accelerator.num_processes, "status": guard.status}
+    accelerator.load_state(str(checkpoint))  # the load_state hook compares again: a second report
+    try:
+        guard_accelerator(accelerator, model, output_dir=out / "no_state", resume_from=out / "nowhere")
+        missing = None
+    except FileNotFoundError as exc:
+        missing = str(exc)
+    return {"rank": accelerator.process_index, "world": accelerator.num_processes, "status": guard.status,
+            "missing_state_error": missing}
 
 
 def split_run(out: Path) -> dict:
@@ -170,8 +177,16 @@ def split_run(out: Path) -> dict:
     accelerator = Accelerator(cpu=True)
     model = shard(lora(tiny_tied_llama()), accelerator.num_processes, split_embedding=True)
     guard = guard_accelerator(accelerator, model, output_dir=out)
+    alone = None
+    if accelerator.is_main_process:  # a watcher on one rank only must not wait for the others
+        from tie_guard import TieWatcher
+
+        watcher = TieWatcher(model, combine=False)
+        watcher.capture()
+        alone = [f.kind for f in watcher.check(1).findings]
+    accelerator.wait_for_everyone()
     return {"rank": accelerator.process_index, "world": accelerator.num_processes, "status": guard.status,
-            "groups": [(g.names, g.status) for g in guard.watcher.groups]}
+            "groups": [(g.names, g.status) for g in guard.watcher.groups], "rank0_alone_findings": alone}
 
 
 def mismatch_run(out: Path) -> dict:

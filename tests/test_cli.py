@@ -118,7 +118,7 @@ def test_inspect_json_names_what_the_adapter_touches(smollm2_dir, adapter_dir):
 def test_usage_errors_exit_2(tmp_path):
     assert run("verify", tmp_path).returncode == 2  # --base missing
     proc = run("merge", tmp_path / "nope", tmp_path / "nope2", tmp_path / "out")
-    assert proc.returncode == 2 and "not found" in proc.stderr
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Fix:" in proc.stderr
 
 
 def test_report_png(tmp_path):

@@ -95,12 +95,23 @@ def test_truncated_adapter_file(base_and_adapter, tmp_path, capsys):
 
 
 def test_missing_files_are_usage_errors(tmp_path, capsys):
+    """Each wrong input names what is wrong and the accepted forms (exit 2: usage, not an unsound merge)."""
     (tmp_path / "empty").mkdir()
-    assert cli(["merge", str(tmp_path / "missing"), str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
-    assert "not found" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a model")
+    base_forms = "Fix: pass a checkpoint directory (with config.json), a .gguf file, a packaged model name"
+    for base, problem in [(tmp_path / "missing", "does not exist"),
+                          (tmp_path / "notes.txt", "is not a model checkpoint directory"),
+                          (tmp_path / "empty", "is not a model checkpoint directory"),
+                          ("smollm2-135m", "is not a packaged model, a local path, or a hub id reachable")]:
+        assert cli(["inspect", str(base)]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and base_forms in err and "smollm2-135m-instruct" in err, err
     tiny_model("gemma2").save_pretrained(tmp_path / "base")
-    assert cli(["merge", str(tmp_path / "base"), str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
-    assert "no adapter_config.json" in capsys.readouterr().err
+    for adapter, problem in [(tmp_path / "missing", "does not exist"), (tmp_path / "empty", "no adapter_config.json")]:
+        assert cli(["merge", str(tmp_path / "base"), str(adapter), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and "Fix: pass the directory written by peft's save_pretrained" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_pickle_adapter_is_loaded_weights_only(base_and_adapter, tmp_path, capsys):

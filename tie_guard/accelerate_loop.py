@@ -12,8 +12,9 @@
     guard.finish(accelerator.unwrap_model(model), tokenizer=tokenizer)
 
 Every rank runs the same calls (checks are collective). ``accelerator.save_state(dir)`` runs a check first and
-stores the guard's baseline in ``dir/tie_guard_state.json``; ``accelerator.load_state(dir)`` before
-:func:`guard_accelerator` (or ``guard.load_from(dir)``) makes the resumed run compare against it.
+stores the guard's baseline in ``dir/tie_guard_state.json``. To resume, pass ``resume_from=dir`` (and ``step=``) to
+:func:`guard_accelerator`, or call ``accelerator.load_state(dir)`` after it: either compares the running model with
+the checkpoint's baseline and reports a tie broken, or a frozen shared weight changed, since the save.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from .config import TieGuardConfig
-from .guard import TieGuard
+from .guard import STATE_NAME, TieGuard
 
 
 def guard_accelerator(accelerator, model: nn.Module, config: TieGuardConfig | None = None,
@@ -41,15 +42,27 @@ def guard_accelerator(accelerator, model: nn.Module, config: TieGuardConfig | No
         step: the optimizer step training starts from (non-zero when resuming).
         resume_from: a ``save_state`` checkpoint directory whose ``tie_guard_state.json`` the capture is compared
             with (a tie broken or a frozen shared weight changed since then is reported at once).
+            ``accelerator.load_state(dir)`` later does the same comparison (a ``load_state`` pre-hook).
     Returns:
         the started guard; call ``guard.step(step)`` after each optimizer step and ``guard.finish(model)`` at the
         end, on every rank.
     Raises:
         TieGuardError: ranks see different tie groups.
+        FileNotFoundError: ``resume_from`` has no ``tie_guard_state.json`` (named, with the fix).
     """
     guard = TieGuard(config, output_dir, main_process=accelerator.is_main_process, **overrides)
     if resume_from is not None:
         guard.load_from(resume_from)
     guard.start(accelerator.unwrap_model(model), step)
     accelerator.register_save_state_pre_hook(lambda models, weights, directory: guard.save_to(directory))
+    accelerator.register_load_state_pre_hook(lambda models, directory: _compare_on_load(guard, directory))
     return guard
+
+
+def _compare_on_load(guard: TieGuard, directory: str) -> None:
+    """``load_state`` hook: compare with the checkpoint when it carries tie_guard's state, else say why not."""
+    if (Path(directory) / STATE_NAME).is_file():
+        guard.compare_checkpoint(directory)
+    else:
+        guard.events.emit("resume", guard.last_step, "warning",
+                          f"{directory} has no {STATE_NAME} (saved without tie_guard): nothing to compare with")

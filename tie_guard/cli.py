@@ -48,8 +48,8 @@ def cmd_inspect(args) -> int:
     model, _ = load_model(args.model, parse_dtype(args.dtype))
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    events = EventLog()
-    watcher = TieWatcher(model, events)
+    events = EventLog(log=False)  # the warnings are printed below, once
+    watcher = TieWatcher(model, events, combine=False)
     groups = watcher.capture()
     res = watcher.check(0, emit=False)
     plain = plain_merge_changes_input_embeddings(groups)

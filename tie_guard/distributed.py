@@ -243,7 +243,7 @@ def unsharded_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
 
     is_peft = isinstance(model, PeftModel)
     base = model.get_base_model() if is_peft else model
-    dtype = next(iter(state_dict.values())).dtype if state_dict else torch.float32
+    dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), torch.float32)
     with torch.device("cpu"):
         replica = type(base)(copy.deepcopy(base.config))
     replica.to(dtype)

@@ -28,6 +28,21 @@ from .watch import CheckResult, TieWatcher, combine_over_ranks, emit_findings
 STATE_NAME = "tie_guard_state.json"
 
 
+def read_checkpoint_state(checkpoint_dir: str | Path) -> dict:
+    """The captured baseline stored in ``checkpoint_dir/`` :data:`STATE_NAME` by :meth:`TieGuard.save_to`.
+
+    Raises:
+        FileNotFoundError: no such file, with the fix.
+    """
+    path = Path(checkpoint_dir) / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {checkpoint_dir} was not saved while tie_guard watched the run (or is not a "
+            "checkpoint directory). Fix: resume from a checkpoint written by accelerator.save_state after "
+            "guard_accelerator(...), or start without resume_from (the tie groups are then captured afresh).")
+    return json.loads(path.read_text())["attributes"]["resume_baseline"]
+
+
 class TieGuard:
     """Capture, watch and merge the tie groups of one training run.
 
@@ -78,16 +93,18 @@ class TieGuard:
         groups = self.watcher.capture(step)
         self.status, self.last_step = "ok", step
         if self.resume_baseline:
-            findings = self.watcher.compare_baseline(self.resume_baseline)
-            if is_distributed():
-                findings, _ = combine_over_ranks(findings, [])
-            emit_findings(self.events, step, findings)
-            if findings:
-                self.status = "broken"
-            else:
-                self.events.emit("resume", step, "info", f"resumed at step {step}: tie groups and frozen shared "
-                                 "weights match the checkpoint")
+            self._compare_with(self.resume_baseline, "the checkpoint")
         return groups
+
+    def compare_checkpoint(self, checkpoint_dir: str | Path) -> list:
+        """Compare the running model with the baseline stored in a checkpoint's :data:`STATE_NAME` (collective in
+        distributed runs); findings are reported like a check's. Used as ``Accelerator.register_load_state_pre_hook``.
+
+        Raises:
+            FileNotFoundError: the checkpoint has no :data:`STATE_NAME`.
+        """
+        self._require_watcher()
+        return self._compare_with(read_checkpoint_state(checkpoint_dir), str(checkpoint_dir))
 
     def step(self, step: int) -> CheckResult | None:
         """Call after every optimizer step (on every rank). Checks every ``config.check_every`` steps (divergence
@@ -165,16 +182,33 @@ class TieGuard:
                                  "do not resume from it without fixing them", data={"dir": str(checkpoint_dir)})
 
     def load_from(self, checkpoint_dir: str | Path) -> None:
-        """Read :data:`STATE_NAME` from a checkpoint (before :meth:`start`) so the resumed run compares with it."""
-        path = Path(checkpoint_dir) / STATE_NAME
-        if path.is_file():
-            self.resume_baseline = json.loads(path.read_text())["attributes"]["resume_baseline"]
+        """Read :data:`STATE_NAME` from a checkpoint before :meth:`start`, so that the resumed run compares with it
+        (after :meth:`start`, use :meth:`compare_checkpoint`).
+
+        Raises:
+            FileNotFoundError: the checkpoint has no :data:`STATE_NAME`.
+            RuntimeError: called after :meth:`start`.
+        """
+        if self.watcher is not None:
+            raise RuntimeError("TieGuard.load_from must come before start(); use compare_checkpoint(dir) now")
+        self.resume_baseline = read_checkpoint_state(checkpoint_dir)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _require_watcher(self) -> TieWatcher:
         if self.watcher is None:
             raise RuntimeError("TieGuard.start(model) must be called before checks or finish()")
         return self.watcher
+
+    def _compare_with(self, baseline: dict, source: str) -> list:
+        findings = self.watcher.compare_baseline(baseline)
+        if self.watcher.combine:
+            findings, _ = combine_over_ranks(findings, [])
+        emit_findings(self.events, self.last_step, findings)
+        if findings:
+            self.status = "broken"
+        else:
+            self.events.emit("resume", self.last_step, "info", f"tie groups and frozen shared weights match {source}")
+        return findings
 
     def _handle(self, res: CheckResult, final: bool = False) -> None:
         if res.ok:

@@ -23,21 +23,33 @@ def load_model(source: str, dtype: torch.dtype | None = None, trust_remote_code:
     hub id (hub ids need network access, which this library never assumes).
 
     Raises:
-        FileNotFoundError: a path that does not exist.
+        FileNotFoundError: a path that does not exist, a file that is not a checkpoint directory, or a name that is
+            neither a packaged model nor reachable on the hub (each message lists the accepted forms).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .packaged import PACKAGED_MODELS, load_gguf, resolve_model_path
 
+    forms = ("Fix: pass a checkpoint directory (with config.json), a .gguf file, a packaged model name "
+             f"({', '.join(sorted(PACKAGED_MODELS))}) or a hub id (needs network access).")
     if source.endswith(".gguf"):
         if not Path(source).is_file():
-            raise FileNotFoundError(f"GGUF file {source} not found")
+            raise FileNotFoundError(f"GGUF file {source} not found. {forms}")
         return load_gguf(source, dtype or torch.float32)
-    if source not in PACKAGED_MODELS and (source.startswith((".", "/", "~")) or Path(source).exists()):
-        if not Path(source).expanduser().is_dir():
-            raise FileNotFoundError(f"model directory {source} not found")
+    local = Path(source).expanduser()
+    if source not in PACKAGED_MODELS and (source.startswith((".", "/", "~")) or local.exists()):
+        if not local.exists():
+            raise FileNotFoundError(f"{source} does not exist. {forms}")
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is not a model checkpoint directory (no config.json). {forms}")
     path = resolve_model_path(source)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if path != source or local.exists():
+            raise
+        raise FileNotFoundError(f"{source!r} is not a packaged model, a local path, or a hub id reachable from here "
+                                f"({type(exc).__name__}). {forms}") from exc
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
@@ -56,8 +68,12 @@ def load_adapter(model, adapter_dir: str):
     from peft import PeftModel
     from safetensors import SafetensorError
 
+    fix = ("Fix: pass the directory written by peft's save_pretrained / trainer.save_model (it holds "
+           "adapter_config.json and adapter_model.safetensors).")
+    if not Path(adapter_dir).exists():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist. {fix}")
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json). {fix}")
     # PEFT (0.21) reads adapter_model.safetensors, or adapter_model.bin with torch.load(weights_only=True):
     # no pickled code is ever executed.
     try:

@@ -101,14 +101,20 @@ class TieWatcher:
     :mod:`tie_guard.fingerprint`); divergence of a LoRA-adapted head is computed from the LoRA factors only
     (O((vocab + hidden) · r²)); ``modules_to_save`` copies and trainable shared weights cost one read of the matrix.
 
+    In a distributed run (torch.distributed initialised, world size > 1) :meth:`capture` and :meth:`check` are
+    collective by default: call them on every rank, in the same order (see :mod:`tie_guard.distributed`). To watch
+    from one rank only, pass ``combine=False`` (each rank then sees only its own shards).
+
     Args:
         model: the model being trained (a transformers model or a ``PeftModel``). Only read.
         events: where findings and metrics go.
+        combine: combine checks over ranks; default: when torch.distributed runs more than one rank.
     """
 
-    def __init__(self, model: nn.Module, events: EventLog | None = None):
+    def __init__(self, model: nn.Module, events: EventLog | None = None, combine: bool | None = None):
         self.model = model
         self.events = events or EventLog()
+        self.combine = is_distributed() if combine is None else combine
         self.groups: list[TieGroup] = []
         self._watched: dict[str, _Watched] = {}
         self._partition: list[list[str]] = []
@@ -162,17 +168,19 @@ class TieWatcher:
                     self._fingerprints[g.label] = Fingerprint(rep)
                 ref = by_name[first_in].param
                 sq = float(torch.linalg.vector_norm(local_tensor(ref).detach().float())) ** 2
-                self._ref_norm[g.label] = sq if is_sharded(ref) else sq / world()[1]  # additive share; see below
+                self._ref_norm[g.label] = sq if is_sharded(ref) or not self.combine else sq / world()[1]  # a share
             for m in g.output_members:
                 self._pairs.append((g, first_in, m.name))
                 self._pair_adapters[(first_in, m.name)] = (
                     _adapter_tensors(by_name[m.name].parts) + _adapter_tensors(by_name[first_in].parts))
         # Every rank must see the same groups (the per-check vector has one entry per pair); then add up the
         # reference norms' shares (sharded: this rank's rows; replicated: 1/world of the full value).
-        check_same_on_all_ranks([(g.label, g.names, g.physical) for g in self.groups], "tie groups")
         labels = sorted(self._ref_norm)
-        self._ref_norm = dict(zip(labels, (math.sqrt(max(v, 0.0)) for v in
-                                           all_reduce_sum([self._ref_norm[k] for k in labels]))))
+        shares = [self._ref_norm[k] for k in labels]
+        if self.combine:
+            check_same_on_all_ranks([(g.label, g.names, g.physical) for g in self.groups], "tie groups")
+            shares = all_reduce_sum(shares)
+        self._ref_norm = dict(zip(labels, (math.sqrt(max(v, 0.0)) for v in shares)))
         self._no_divergence = set()
         self.captured = True
         rows = [r for g in self.groups for r in g.as_rows()]
@@ -259,7 +267,7 @@ class TieWatcher:
                                  "shared weights and NaN/Inf are still checked every check.")
                 return None
             sq = float(divergence_sq(e_out, e_in))
-        return sq if sharded else sq / world()[1]
+        return sq if sharded or not self.combine else sq / world()[1]
 
     def _resolve(self) -> dict[str, torch.Tensor]:
         """Current tensor of every watched name still present in the model."""
@@ -325,7 +333,7 @@ class TieWatcher:
                         f"NaN/Inf in the effective weights of {g.label} ({n_out} vs {n_in}). Fix: lower the "
                         "learning rate or enable gradient clipping, and resume from the last good checkpoint.",
                     ))
-        if is_distributed():
+        if self.combine:
             res.findings, shares = combine_over_ranks(res.findings, shares)
         for (g, _, _), share in zip(self._pairs, shares):
             if share is not None:
