@@ -7,10 +7,11 @@ Scenarios (each writes ``OUT/rank<r>.json`` with what that rank saw; the test as
   run ``clean`` trains and merges; run ``broken`` breaks the tie on rank 1 only at step 2 (``on_break="stop"``).
 * ``loop``: a custom Accelerate loop with ``guard_accelerator``: run ``clean`` saves state at step 2 and merges at
   the end; run ``resume`` resumes from that checkpoint with the tie broken before the resume; run
-  ``mismatch`` builds rank 1's model untied, so the ranks see different tie groups.
+  ``mismatch`` builds rank 1's model untied, so the ranks see different tie groups; run ``mts`` trains a
+  ``modules_to_save`` copy of the head instead of LoRA on it.
 * ``fsdp2``: the same loop on a model sharded with FSDP2 ``fully_shard`` (decoder layers, then the root): run
   ``clean`` merges from the full state dict; run ``broken`` writes into rank 1's shard of the frozen shared weight;
-  run ``split`` shards the input embedding in its own group (which splits the tie).
+  run ``split`` shards the input embedding in its own group (which splits the tie); run ``mts`` as for ``loop``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def tiny_tied_llama(tied: bool = True) -> LlamaForCausalLM:
                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
 
 
-def lora(model):
+def lora(model, head: str = "lora"):
+    """LoRA on q_proj and on the head (``head="lora"``), or a trained copy of the head (``"modules_to_save"``)."""
+    if head == "modules_to_save":
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                modules_to_save=["lm_head"]))
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
 
 
@@ -117,10 +122,10 @@ def comm_counts(guard, step: int) -> dict:
     return out
 
 
-def loop_run(out: Path, fsdp2: bool, broken: bool) -> dict:
+def loop_run(out: Path, fsdp2: bool, broken: bool, head: str = "lora") -> dict:
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
-    model = lora(tiny_tied_llama())
+    model = lora(tiny_tied_llama(), head)
     if fsdp2:
         shard(model, accelerator.num_processes)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -143,16 +148,16 @@ def loop_run(out: Path, fsdp2: bool, broken: bool) -> dict:
             with torch.no_grad():
                 (w.to_local() if hasattr(w, "to_local") else w)[0].add_(1.0)
         guard.step(step)
-        if not broken and step == 2:
+        if not broken and step == 2 and head == "lora":
             accelerator.save_state(str(out / "checkpoint-2"))
         if guard.should_stop or step == 4:
             break
-    comms = comm_counts(guard, step) if not broken else None
+    comms = comm_counts(guard, step) if not broken and head == "lora" else None
     summary = guard.finish(accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
     return {"rank": rank, "world": accelerator.num_processes, "global_step": step, "status": guard.status,
             "divergence": guard.watcher.last_divergence, "summary": summary, "comm_counts": comms,
-            "sharded": type(accelerator.unwrap_model(model).get_base_model().lm_head.base_layer.weight).__name__}
+            "sharded": type(accelerator.unwrap_model(model).get_base_model().model.embed_tokens.weight).__name__}
 
 
 def resume_run(out: Path, checkpoint: Path) -> dict:
@@ -209,10 +214,12 @@ RUNS = {
                 "broken": lambda out: trainer_run(out / "broken", broken=True)},
     "loop": {"clean": lambda out: loop_run(out / "clean", fsdp2=False, broken=False),
              "resume": lambda out: resume_run(out / "resume", out / "clean" / "checkpoint-2"),
+             "mts": lambda out: loop_run(out / "mts", fsdp2=False, broken=False, head="modules_to_save"),
              "mismatch": lambda out: mismatch_run(out / "mismatch")},
     "fsdp2": {"clean": lambda out: loop_run(out / "clean", fsdp2=True, broken=False),
               "broken": lambda out: loop_run(out / "broken", fsdp2=True, broken=True),
-              "split": lambda out: split_run(out / "split")},
+              "split": lambda out: split_run(out / "split"),
+              "mts": lambda out: loop_run(out / "mts", fsdp2=True, broken=False, head="modules_to_save")},
 }
 
 

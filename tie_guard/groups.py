@@ -118,6 +118,13 @@ def _storage_key(t: torch.Tensor):
     return (t.device.type, t.device.index, ptr) if ptr else None
 
 
+def storage_identity(t: torch.Tensor) -> tuple:
+    """A hashable key equal for tensors that share storage: the storage pointer where it means something, else
+    the tensor object itself (meta tensors, FSDP2 DTensors, ZeRO-3 partitioned parameters)."""
+    key = _storage_key(t)
+    return key if key is not None else ("object", id(t))
+
+
 class _UnionFind:
     def __init__(self):
         self.parent: dict[str, str] = {}

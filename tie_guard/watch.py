@@ -26,7 +26,7 @@ from .distributed import (
 from .effective import all_finite, divergence_sq, effective_weight
 from .events import EventLog
 from .fingerprint import Fingerprint
-from .groups import TieGroup, find_tied_groups, physical_components
+from .groups import TieGroup, find_tied_groups, physical_components, storage_identity
 from .peft_layout import BaseParameter, base_model_of, iter_base_parameters
 
 
@@ -89,8 +89,7 @@ def _touch_signature(bp: BaseParameter) -> frozenset:
     for part in bp.parts:
         for name, t in part.wrapper.named_parameters():
             if not name.startswith(("base_layer.", "original_module.", "token_adapter.base_layer.")):
-                by_storage = t.device.type != "meta" and not is_sharded(t)
-                sig.add((part.kind, t.untyped_storage().data_ptr() if by_storage else id(t)))
+                sig.add((part.kind, storage_identity(t)))
     return frozenset(sig)
 
 
@@ -440,7 +439,7 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter],
                 if part.kind == "modules_to_save":
                     for name in part.adapter_names:
                         w = part.wrapper.modules_to_save[name].weight
-                        copies[w.untyped_storage().data_ptr()] = w.numel() * w.element_size()
+                        copies[storage_identity(w)] = getattr(w, "ds_numel", w.numel()) * w.element_size()
         if copies:
             out.append(("info",
                         f"modules_to_save holds {len(copies)} full copy(ies) of tied weights in {g.label}: "
