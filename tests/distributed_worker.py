@@ -11,7 +11,8 @@ Scenarios (each writes ``OUT/rank<r>.json`` with what that rank saw; the test as
   ``modules_to_save`` copy of the head instead of LoRA on it.
 * ``fsdp2``: the same loop on a model sharded with FSDP2 ``fully_shard`` (decoder layers, then the root): run
   ``clean`` merges from the full state dict; run ``broken`` writes into rank 1's shard of the frozen shared weight;
-  run ``split`` shards the input embedding in its own group (which splits the tie); run ``mts`` as for ``loop``.
+  run ``split`` shards the input embedding in its own group (which splits the tie); run ``mts`` as for ``loop``;
+  run ``setups`` tries trainable tokens and tied ``modules_to_save`` copies.
 """
 
 from __future__ import annotations
@@ -194,6 +195,29 @@ def split_run(out: Path) -> dict:
             "groups": [(g.names, g.status) for g in guard.watcher.groups], "rank0_alone_findings": alone}
 
 
+def fsdp2_setups_run(out: Path) -> dict:
+    """FSDP2 with other PEFT doors into the tied group: trainable tokens (divergence not computed shard-locally:
+    one warning) and modules_to_save of both embeddings with ensure_weight_tying (one shared copy: divergence 0).
+    One optimizer step, a check, the merge."""
+    accelerator = Accelerator(cpu=True)
+    setups = {"trainable_tokens": LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 2, 3]),
+              "modules_to_save_tied": LoraConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True,
+                                                 modules_to_save=["lm_head", "embed_tokens"])}
+    record = {"rank": accelerator.process_index, "world": accelerator.num_processes}
+    for name, config in setups.items():
+        model = shard(get_peft_model(tiny_tied_llama(), config), accelerator.num_processes)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        guard = guard_accelerator(accelerator, model, output_dir=out / name, check_every=1)
+        batch = RandomTokens()[0]["input_ids"][None]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        res = guard.step(1)
+        summary = guard.finish(model)
+        record[name] = {"divergence": res.divergence, "findings": [f.kind for f in res.findings],
+                        "status": summary["status"]}
+    return record
+
+
 def mismatch_run(out: Path) -> dict:
     """Rank 1 builds its model untied: the ranks see different tie groups and must fail together."""
     from tie_guard import TieGuardError
@@ -219,7 +243,8 @@ RUNS = {
     "fsdp2": {"clean": lambda out: loop_run(out / "clean", fsdp2=True, broken=False),
               "broken": lambda out: loop_run(out / "broken", fsdp2=True, broken=True),
               "split": lambda out: split_run(out / "split"),
-              "mts": lambda out: loop_run(out / "mts", fsdp2=True, broken=False, head="modules_to_save")},
+              "mts": lambda out: loop_run(out / "mts", fsdp2=True, broken=False, head="modules_to_save"),
+              "setups": lambda out: fsdp2_setups_run(out / "setups")},
 }
 
 

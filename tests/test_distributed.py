@@ -48,10 +48,17 @@ def launched(tmp_path_factory):
     return {s: (root / s, launch(s, root / s)) for s in ("trainer", "loop", "fsdp2")}
 
 
-def assert_verified_merge(run_dir: Path):
-    """The merged model rank 0 saved: verified, input embeddings bit-identical to the base model's, untied on disk."""
+def assert_verified_merge_of(run_dir: Path) -> dict:
+    """Rank 0's merge report: verified, logits within tolerance; and the merged model is on disk."""
     report = json.loads((run_dir / "tie_guard_merge_report.json").read_text())
     assert report["verified"] and report["max_abs_logit_diff"] <= report["logit_tolerance"]
+    assert (run_dir / "merged" / "config.json").is_file()
+    return report
+
+
+def assert_verified_merge(run_dir: Path):
+    """The merged model rank 0 saved: verified, input embeddings bit-identical to the base model's, untied on disk."""
+    assert_verified_merge_of(run_dir)
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
     base = tiny_tied_llama()
     assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
@@ -201,3 +208,18 @@ def test_fsdp2_shard_groups_that_split_a_tie_are_named(launched):
     assert len(errors) == 1 and "model.embed_tokens.weight in model.embed_tokens" in errors[0]
     assert "lm_head.weight in the root group" in errors[0] and "Fix: fully_shard only the decoder layers" in errors[0]
     assert r0["rank0_alone_findings"] == []  # TieWatcher(combine=False) checked on rank 0 alone, without waiting
+
+
+def test_fsdp2_other_peft_doors(launched):
+    """Trainable tokens: the divergence is not computed on shards (one warning, naming why), the rest is checked and
+    the merge verified. modules_to_save of both embeddings with ensure_weight_tying: one shared copy, divergence 0."""
+    out, _ = launched["fsdp2"]
+    r0, r1 = ranks(out / "setups")
+    for rec in (r0, r1):
+        assert rec["trainable_tokens"] == {"divergence": {}, "findings": [], "status": "ok"}
+        assert rec["modules_to_save_tied"] == {"divergence": {"lm_head": 0.0}, "findings": [], "status": "ok"}
+    for name in ("trainable_tokens", "modules_to_save_tied"):
+        assert_verified_merge_of(out / "setups" / name)
+    warnings = [e["message"] for e in read_events(out / "setups" / "trainable_tokens" / "tie_guard_events.jsonl")
+                if e["event"] == "setup_warning" and "not computed on sharded weights" in e["message"]]
+    assert len(warnings) == 1 and "'rows' change" in warnings[0]

@@ -249,7 +249,7 @@ class TieWatcher:
             offset += t.numel()
         return True
 
-    def _divergence_share(self, g: TieGroup, p_in: torch.Tensor, p_out: torch.Tensor, n_in: str,
+    def _divergence_share(self, step: int, g: TieGroup, p_in: torch.Tensor, p_out: torch.Tensor, n_in: str,
                           n_out: str) -> float | None:
         """This rank's additive share of ‖W_out,eff − W_in,eff‖_F² (the full value when not distributed), or
         ``None`` when it cannot be computed without gathering a full matrix (then never tried again, with one
@@ -261,7 +261,7 @@ class TieWatcher:
                 e_out, e_in, sharded = local_views(e_out, e_in)
             except ShardingUnsupported as exc:
                 self._no_divergence.add(g.label)
-                self.events.emit("setup_warning", 0, "warning",
+                self.events.emit("setup_warning", step, "warning",
                                  f"divergence of {g.label} is not computed on sharded weights ({exc}); ties, frozen "
                                  "shared weights and NaN/Inf are still checked every check.")
                 return None
@@ -322,7 +322,7 @@ class TieWatcher:
             for i, (g, n_in, n_out) in enumerate(self._pairs if divergence else ()):
                 if n_in not in current or n_out not in current or g.label in self._offloaded | self._no_divergence:
                     continue
-                shares[i] = share = self._divergence_share(g, current[n_in], current[n_out], n_in, n_out)
+                shares[i] = share = self._divergence_share(step, g, current[n_in], current[n_out], n_in, n_out)
                 if share is None:
                     continue
                 trained_base = current[n_in].requires_grad
