@@ -255,7 +255,8 @@ def unsharded_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
         replica.set_adapter(model.active_adapter)
     result = replica.load_state_dict(state_dict, strict=False)
     own = dict(replica.named_parameters(remove_duplicate=False))
-    missing = [k for k in result.missing_keys if k in own and not any(own[k] is own[o] for o in state_dict if o in own)]
+    loaded = {id(own[k]) for k in state_dict if k in own}  # a tied name is loaded through its twin
+    missing = [k for k in result.missing_keys if k in own and id(own[k]) not in loaded]
     if missing or result.unexpected_keys:
         raise TieGuardError(
             f"the full state dict does not match the model rebuilt from its config (missing {missing[:3]}, "

@@ -410,11 +410,10 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter],
     """``(level, message)`` for setups that will hurt, each with its fix."""
     out = []
     for g in groups:
-        sharded = [n for n in g.names if is_dtensor(by_name[n].param)]
-        owners = {fsdp_shard_group(root, by_name[n].real_module_path) for n in sharded} if root is not None else set()
-        if g.status == "declared_not_tied" and len(owners) > 1:
-            where = ", ".join(f"{n} in {fsdp_shard_group(root, by_name[n].real_module_path) or 'the root group'}"
-                              for n in sharded)
+        owner = {n: fsdp_shard_group(root, by_name[n].real_module_path) for n in g.names
+                 if root is not None and is_dtensor(by_name[n].param)}
+        if g.status == "declared_not_tied" and len(set(owner.values())) > 1:
+            where = ", ".join(f"{n} in {o or 'the root group'}" for n, o in owner.items())
             out.append(("error",
                         f"FSDP2 put the members of a tied group in different shard groups ({where}): fully_shard "
                         "gave each its own parameter, so the tie is gone and they train apart. Fix: fully_shard "
