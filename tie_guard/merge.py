@@ -16,6 +16,7 @@ from .atomic import atomic_directory, check_destination, write_json_atomic
 from .effective import all_finite, effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
 from .groups import TieGroup, UnionFind, find_tied_groups, physical_components
+from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
 from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
 from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags, ties_on_reload
@@ -547,6 +548,9 @@ def safe_merge_and_unload(
         base_params = list(iter_base_parameters(peft_model))
         _refuse_meta(base_params)
         _refuse_merged_state(base_params)
+        defects = [message for _, message in layout_defects(base_params)]
+        if defects:
+            raise UnsupportedAdapterError("cannot merge this adapter exactly: " + " ".join(defects))
         config = peft_model.get_base_model().config
         vocab = _vocab_size(config)
         probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(vocab, *probe_shape)
