@@ -14,10 +14,10 @@ import torch
 from conftest import VOCAB, train_adapter_a_little
 from families import FAMILIES, build_family
 from peft import LoraConfig, get_peft_model
-from setups import record
+from setups import SETUPS, record
 from transformers import AutoModelForCausalLM
 
-from tie_guard import find_tied_groups, safe_merge_and_unload
+from tie_guard import UnsupportedAdapterError, find_tied_groups, safe_merge_and_unload
 from tie_guard.probe import make_probe_ids, probe_logits
 from tie_guard.tie_config import tie_flags
 
@@ -156,3 +156,52 @@ def test_real_gemma3_270m(tmp_path):
     assert not torch.equal(plain.get_input_embeddings().weight, base_embed)
     assert ours <= report.logit_tolerance and plain_diff > 100 * ours
     print(f"real Gemma-3-270M: plain PEFT |Δlogit| {plain_diff:.3g}; tie_guard after reload {ours:.3g}")
+
+
+# PEFT module names per family for the setups of tests/setups.py (written for Llama's names).
+_NAMES = {
+    "bart": {"embed_tokens": "shared"},
+    "t5": {"embed_tokens": "shared", "q_proj": "q"},
+    "bert": {"lm_head": "decoder", "embed_tokens": "word_embeddings", "q_proj": "query"},
+    "gemma3_vlm": {},
+}
+# Layouts PEFT 0.21 itself cannot run or computes without the head's bias (tie_guard.peft_defects): refused.
+# BART/T5 + ensure_weight_tying put the head's Linear copy into the embedding slots; BERT's head has a bias that
+# PEFT's trainable tokens drop; DoRA divides by the zero norm of the padding row that BART/BERT/Gemma heads share.
+_DEFECTS = {(f, s) for f in ("bart", "t5") for s in ("modules_to_save lm_head, ensure_weight_tying",
+                                                     "modules_to_save both, ensure_weight_tying")} | {
+    ("bert", s) for s in SETUPS if s.startswith("trainable tokens")} | {
+    (f, "lora lm_head, use_dora") for f in ("bart", "bert", "gemma3_vlm")}
+
+
+def _renamed(kwargs: dict, names: dict) -> dict:
+    def rename(v):
+        if isinstance(v, dict):
+            return {names.get(k, k): x for k, x in v.items()}
+        if isinstance(v, list):
+            return [names.get(x, x) if isinstance(x, str) else x for x in v]
+        return v
+    return {k: rename(v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("family", sorted(_NAMES))
+def test_every_peft_door_on_other_families(family, setup, tmp_path):
+    """Every PEFT door into a tied group (tests/setups.py) on a group of four (BART's shared + encoder/decoder
+    embeddings + head; T5), a masked-LM head with a tied bias (BERT) and a VLM wrapper: verified, and the user's
+    own save → reload computes the adapter model's logits."""
+    pm = get_peft_model(build_family(family), LoraConfig(r=4, lora_alpha=8, **_renamed(SETUPS[setup], _NAMES[family])))
+    if (family, setup) in _DEFECTS:
+        with pytest.raises(UnsupportedAdapterError, match="Fix:"):
+            safe_merge_and_unload(pm)
+        return
+    train_adapter_a_little(pm, steps=2, lr=1e-2)
+    probe = make_probe_ids(VOCAB)
+    adapter = probe_logits(pm, probe)
+    merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "ours", probe_input_ids=probe)
+    assert report.verified and report.max_abs_logit_diff <= TOL
+    merged.save_pretrained(tmp_path / "user")
+    reloaded = type(merged).from_pretrained(tmp_path / "user", dtype=torch.float32)
+    assert (probe_logits(reloaded, probe) - adapter).abs().max().item() <= TOL
+    assert sorted(sorted(g.names) for g in find_tied_groups(reloaded) if g.physical) == \
+        sorted(report.shared_after_reload)

@@ -50,3 +50,16 @@ def test_trainable_tokens_on_a_biased_linear_head(family, tmp_path):
     errors = _capture_errors(pm)
     assert len(errors) == 1 and "without the head's bias" in errors[0] and "modules_to_save" in errors[0]
     _refused(pm, tmp_path, "trainable tokens", "bias")
+
+
+@pytest.mark.parametrize("family", ["bart", "gemma3_vlm"])
+def test_dora_on_a_head_with_a_zero_padding_row(family, tmp_path):
+    base = build_family(family)
+    zero_rows = (base.get_output_embeddings().weight == 0).all(dim=1)
+    assert int(zero_rows.sum()) == 1  # the padding row, shared with the input embedding
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
+    logits = probe_logits(pm, make_probe_ids(VOCAB))  # PEFT's own forward, before any training
+    assert torch.equal(torch.isnan(logits).any(dim=(0, 1))[: zero_rows.numel()], zero_rows)
+    (message,) = _capture_errors(pm)
+    assert "DoRA" in message and "1 of its rows are all zeros" in message
+    _refused(pm, tmp_path, "DoRA", "NaN")

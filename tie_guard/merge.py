@@ -548,7 +548,7 @@ def safe_merge_and_unload(
         base_params = list(iter_base_parameters(peft_model))
         _refuse_meta(base_params)
         _refuse_merged_state(base_params)
-        defects = [message for _, message in layout_defects(base_params)]
+        defects = layout_defects(base_params)
         if defects:
             raise UnsupportedAdapterError("cannot merge this adapter exactly: " + " ".join(defects))
         config = peft_model.get_base_model().config

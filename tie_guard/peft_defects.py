@@ -12,8 +12,12 @@ Each was reproduced with peft 0.21.2 on tiny tied models (see tests/test_peft_de
   ``TrainableTokensLayer.forward`` calls ``F.linear(x, W)`` without the bias, so the adapter model computes the
   head without it while the base model (and any merge) adds it.
 
-:func:`unrunnable_layouts` (forward fails: a merge cannot be verified, so it is refused before any work) and
-:func:`layout_defects` (all three, for the warnings at capture) are the one place that knows them.
+* DoRA on a head with an all-zero row (the padding row: ``nn.Embedding(padding_idx=...)`` initialises it to
+  zeros, so a tied head has it too; BART, Gemma): DoRA divides each row by its norm, 0 / 0, so the adapter
+  model's logit of that token is NaN from the first forward on, and with it the loss.
+
+:func:`layout_defects` is the one place that knows them: the watcher reports each as an error at capture, and
+the merge refuses before any work (there is no trained function it could reproduce and verify).
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ def _per_module(base_params: list[BaseParameter]):
             yield bp
 
 
-def unrunnable_layouts(base_params: list[BaseParameter]) -> list[str]:
-    """Messages (each naming the module, the PEFT layout and the fix) for wrapped modules whose forward fails in
-    peft 0.21; empty when every wrapped module can run."""
+def layout_defects(base_params: list[BaseParameter]) -> list[str]:
+    """One message per defect found (each naming the module, the PEFT layout and the fix); empty when none.
+
+    Reads each DoRA-wrapped weight once (an all-zero-row test, chunked like the other full reads); everything else
+    is structural.
+    """
     out = []
     for bp in _per_module(base_params):
         kinds = [p.kind for p in bp.parts]
@@ -59,21 +66,28 @@ def unrunnable_layouts(base_params: list[BaseParameter]) -> list[str]:
                         "module's copy into this slot), so this module's forward fails. Fix: name every tied "
                         "module in modules_to_save (e.g. ['embed_tokens', 'lm_head'], or 'shared' for "
                         "encoder-decoder models), or drop ensure_weight_tying.")
+        if kinds[0] == "trainable_tokens" and isinstance(bp.module, nn.Linear) and bp.module.bias is not None:
+            out.append(
+                f"{bp.module_path}: PEFT 0.21 computes trainable tokens on a linear head without the head's bias "
+                f"({bp.module_path}.bias is skipped by TrainableTokensLayer.forward), so the adapter model trains "
+                "and predicts without it while the merged model adds it back. Fix: put the head in "
+                "modules_to_save (ensure_weight_tying=True keeps it tied) instead of trainable_token_indices.")
+        if kinds[0] == "dora" and bp.attr == "weight" and _zero_rows(bp.param):
+            out.append(
+                f"{bp.module_path}: DoRA normalises each row of {bp.name}, and {_zero_rows(bp.param)} of its rows "
+                "are all zeros (a padding row shared with the input embedding), so PEFT 0.21 computes 0/0: the "
+                "adapter model's logits of those tokens are NaN, and so is the training loss. Fix: train plain LoRA on this module (use_dora=False), or leave "
+                "it out of target_modules.")
     return out
 
 
-def layout_defects(base_params: list[BaseParameter]) -> list[tuple[str, str]]:
-    """``(level, message)`` for every known defect: the unrunnable layouts (``"error"``) and trainable tokens on a
-    biased linear head (``"error"``: the adapter model computes that head without its bias, and a merged model
-    would add it back, so the merge cannot match what was trained)."""
-    out = [("error", m) for m in unrunnable_layouts(base_params)]
-    for bp in _per_module(base_params):
-        first = bp.parts[0]
-        if first.kind == "trainable_tokens" and isinstance(bp.module, nn.Linear) and bp.module.bias is not None:
-            out.append(("error",
-                        f"{bp.module_path}: PEFT 0.21 computes trainable tokens on a linear head without the "
-                        f"head's bias ({bp.module_path}.bias is skipped by TrainableTokensLayer.forward), so the "
-                        "adapter model trains and predicts without it while the merged model adds it back. Fix: "
-                        "put the head in modules_to_save (ensure_weight_tying=True keeps it tied) instead of "
-                        "trainable_token_indices."))
-    return out
+def _zero_rows(w) -> int:
+    """Number of all-zero rows of a 2-D weight (read in row chunks)."""
+    import torch
+
+    from .effective import CHUNK_ROWS
+
+    if w.dim() != 2 or w.device.type == "meta" or w.numel() == 0:
+        return 0
+    with torch.no_grad():
+        return sum(int((w[i: i + CHUNK_ROWS] == 0).all(dim=1).sum()) for i in range(0, w.shape[0], CHUNK_ROWS))

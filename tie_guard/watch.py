@@ -483,7 +483,7 @@ def _trl_fused_lm_head(root: nn.Module) -> bool:
 
 def stack_warnings(root: nn.Module, base_params: list[BaseParameter]) -> list[tuple[str, str]]:
     """Errors for PEFT layouts that fail or silently train the wrong thing, each with its fix."""
-    out = layout_defects(base_params)
+    out = [("error", message) for message in layout_defects(base_params)]
     fused = _trl_fused_lm_head(root)
     out_mod = getattr(root, "get_output_embeddings", lambda: None)()
     for bp in base_params:
