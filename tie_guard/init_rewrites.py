@@ -243,7 +243,7 @@ def resolve_init_rewrites(peft_model, merged: nn.Module, groups: list[TieGroup],
         elif not targets or len(targets) != len(r.input_members):
             r.note = "the adapter also trains the input embedding: the pretrained value is not restored"
         elif any(merged.get_parameter(n) is head for n in targets):
-            r.note = "the group stays one matrix after the merge: nothing to restore"
+            r.note = ("the group stays one matrix after the merge (the head still equals the rewritten embedding), so the pretrained value cannot be restored without changing the head")
         elif all(n in originals for n in targets):
             value, how = originals[targets[0]], "original"
         elif r.init.lower().startswith(RESIDUAL_INITS) and (
@@ -308,3 +308,45 @@ def _merge_warning(d: dict) -> str:
                 f"adapter model's by {d['restore_logit_shift']:.3g}. {FIX}")
     return (f"{head}: the merged {', '.join(d['input_members'])} equal the adapter model's but NOT the pretrained "
             f"model's; {d['note']}. {FIX}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On a checkpoint: recognise a rewrite from the weights alone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def classify_rewrite(original: torch.Tensor, rewritten: torch.Tensor, rel_tol: float = 1e-3) -> str | None:
+    """Name the init whose base rewrite turns ``original`` into ``rewritten`` (both vocab × hidden), or ``None``.
+
+    With ``D = original − rewritten`` of numerical rank ``k`` (singular values above ``rel_tol`` of the largest):
+    ``"pissa"`` when ``D`` is the top-``k`` SVD component of ``original`` (PiSSA, also CorDA/LoRA-GA-like
+    residuals along the principal directions), ``"kasa"`` when it is the bottom-``k`` one (KaSA's truncation),
+    ``"olora"`` when it is a multiple of ``Q[:, :k] @ R[:k]`` of ``original``'s QR (OLoRA; the multiple is the LoRA
+    scaling), each within ``sqrt(rel_tol)`` of ``‖D‖`` relatively. Costs one SVD and one QR of ``original`` in
+    float32. A plain LoRA delta written into the matrix is low-rank too but lies along none of these directions.
+    Not recognised (pass the adapter instead, whose config names the init): ``pissa_niter_N`` (its randomised SVD is
+    far from the exact top-``k`` component on flat spectra: 0.5–1.2 of ‖D‖ measured on a tiny random Llama), LoftQ,
+    and a checkpoint made by PEFT's plain ``merge_and_unload()``, whose shared matrix also holds the trained delta.
+    """
+    a, b = original.detach().float(), rewritten.detach().float().to(original.device)
+    if a.shape != b.shape or a.dim() != 2:
+        return None
+    d = a - b
+    dn = torch.linalg.matrix_norm(d)
+    if not torch.isfinite(dn) or dn == 0:
+        return None
+    sv = torch.linalg.svdvals(d)
+    k = int((sv > sv[0] * rel_tol).sum())
+    if k >= min(d.shape):
+        return None
+    tol = rel_tol ** 0.5
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    for name, sl in (("pissa", slice(0, k)), ("kasa", slice(len(s) - k, len(s)))):
+        if torch.linalg.matrix_norm(d - (u[:, sl] * s[sl]) @ vh[sl]) <= tol * dn:
+            return name
+    q, r = torch.linalg.qr(a)
+    m = q[:, :k] @ r[:k]
+    scale = (d * m).sum() / (m * m).sum()
+    if torch.linalg.matrix_norm(d - scale * m) <= tol * dn:
+        return "olora"
+    return None
