@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from .groups import find_tied_groups
+from .init_rewrites import classify_rewrite, find_init_rewrites
 from .probe import logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
 from .tie_config import tie_flags
 
@@ -29,6 +30,9 @@ class AuditReport:
         tie_flags: ``tie_word_embeddings`` per config level of the checkpoint.
         stored_keys: whether the checkpoint stores the input and output embedding tensors.
         max_abs_logit_diff / logit_tolerance: merged vs base + adapter (with an adapter only).
+        base_rewritten_by_init: the LoRA init that rewrote the tied input embedding (``"pissa"``, ``"olora"``,
+            ``"kasa"``, ... from the adapter's config, or recognised from the weights by
+            :func:`tie_guard.init_rewrites.classify_rewrite`), else ``None``.
         runtimes: what common runtimes will do with the checkpoint, in words.
         problems: each problem with its fix; empty when sound.
     """
@@ -44,6 +48,7 @@ class AuditReport:
     stored_keys: dict = field(default_factory=dict)
     max_abs_logit_diff: float | None = None
     logit_tolerance: float | None = None
+    base_rewritten_by_init: str | None = None
     runtimes: list = field(default_factory=list)
     problems: list = field(default_factory=list)
 
@@ -87,10 +92,22 @@ def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_mode
             {"id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else None,
              "max_abs_change": float(diff[i])} for i in top
         ]
+    rewrites = []
     if adapter_model is not None:
         groups = find_tied_groups(adapter_model)
         rep.adapter_trains_input_embedding = any(m.touched_by for g in groups for m in g.input_members)
-    if rep.input_embedding_rows_changed and not rep.adapter_trains_input_embedding:
+        rewrites = find_init_rewrites(adapter_model, groups)
+    if rep.input_embedding_rows_changed:
+        rep.base_rewritten_by_init = rewrites[0].init if rewrites else classify_rewrite(e_b, e_m)
+    if rep.base_rewritten_by_init:
+        rep.problems.append(
+            f"input embeddings differ from the base in {rep.input_embedding_rows_changed} of {e_b.shape[0]} rows "
+            f"(max |Δ| {rep.input_embedding_max_abs_change:.3g}) by a {rep.base_rewritten_by_init} rewrite: that "
+            "LoRA init rewrote the tied matrix inside get_peft_model, so the checkpoint's input embedding is the "
+            "rewritten one, not the pretrained one. Fix: re-merge with tie_guard.safe_merge_and_unload(..., "
+            "original_base=<the base loaded again>) to restore it, or retrain with the head untied before "
+            "get_peft_model (or a plain init).")
+    elif rep.input_embedding_rows_changed and not rep.adapter_trains_input_embedding:
         rep.problems.append(
             f"input embeddings changed in {rep.input_embedding_rows_changed} of {e_b.shape[0]} rows (max |Δ| "
             f"{rep.input_embedding_max_abs_change:.3g})"

@@ -16,6 +16,7 @@ from .atomic import atomic_directory, check_destination, write_json_atomic
 from .effective import all_finite, effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
 from .groups import TieGroup, UnionFind, find_tied_groups, physical_components
+from .init_rewrites import resolve_init_rewrites
 from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
 from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
@@ -80,6 +81,10 @@ class MergeReport:
             :class:`MergeVerificationError`): for ``"untie"``/``"error"`` logits match and untrained input
             embeddings are bit-identical; for ``"keep_tied"`` the tie holds and save → reload is exact; always
             the reload checks when saving.
+        base_rewritten_by_init: tied base weights a LoRA init (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ, KaSA) rewrote
+            inside ``get_peft_model``, one dict per rewrite (see :class:`tie_guard.init_rewrites.InitRewrite`): the
+            adapter model's input embeddings are then not the pretrained ones; ``restored`` says whether the merge
+            brought them back.
         warnings: risks that remain after a verified merge, each with its fix.
         failures: the checks that failed, in words.
         seconds: wall time of each phase: ``probe_adapter`` (adapter logits on the probe), ``merge`` (building
@@ -104,14 +109,17 @@ class MergeReport:
     reload_max_abs_logit_diff: float | None = None
     reload_input_embeddings_bit_identical: bool | None = None
     verified: bool = False
+    base_rewritten_by_init: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
 
     @property
     def input_embeddings_bit_identical(self) -> bool:
-        """Every input embedding the adapter does not train is bit-identical to its pre-merge value."""
-        return all(e.bit_identical for e in self.input_embeddings if not e.adapter_trains_it)
+        """Every input embedding the adapter does not train is bit-identical to its pre-merge value, and to the
+        pretrained value where a LoRA init had rewritten it (``base_rewritten_by_init``)."""
+        return (all(e.bit_identical for e in self.input_embeddings if not e.adapter_trains_it)
+                and all(r["restored"] == "original" for r in self.base_rewritten_by_init))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -430,6 +438,8 @@ def safe_merge_and_unload(
     verify_reload: bool = True,
     progress=None,
     inplace: bool = False,
+    original_base: nn.Module | dict | None = None,
+    initial_adapter: str | Path | dict | None = None,
 ) -> tuple[nn.Module, MergeReport]:
     """Merge a PEFT adapter so that tied input embeddings are preserved, and verify the result.
 
@@ -480,6 +490,12 @@ def safe_merge_and_unload(
         inplace: merge LoRA layers whose weights are *not* tied in place with PEFT's own merge (no copy; peak
             extra memory ≈ one copy of each tied head). The adapter model is consumed, as with PEFT's
             ``merge_and_unload()``: do not use it afterwards. Tied weights are never written in place.
+        original_base: the unmodified pretrained model (or ``{canonical name: tensor}`` of its input embeddings).
+            Only used when a LoRA init (PiSSA, OLoRA, KaSA, ...) rewrote a tied matrix in ``get_peft_model``: the
+            untie merge then restores the pretrained input embedding bit for bit (see :mod:`tie_guard.init_rewrites`).
+        initial_adapter: the adapter saved right after ``get_peft_model`` (PEFT's
+            ``path_initial_model_for_weight_conversion``), directory or state dict: restores a PiSSA/OLoRA/CorDA/
+            LoRA-GA rewrite as ``W_res + s·B0·A0`` (exact up to rounding) when ``original_base`` is not given.
     Returns:
         ``(merged_model, report)``; ``merged_model`` is a plain transformers model of the base model's class.
     Raises:
@@ -587,6 +603,9 @@ def safe_merge_and_unload(
     report.seconds["verify"] = time.perf_counter() - t1
     if report.failures:
         raise MergeVerificationError(_failure_message(report), report)
+    restored_logits = resolve_init_rewrites(peft_model, merged, groups, base_params, names, probe, adapter_logits,
+                                            report, original_base, initial_adapter)
+    merged_logits = merged_logits if restored_logits is None else restored_logits
 
     if output_dir is not None:
         _save_and_check(merged, merged_logits, probe, tokenizer, Path(output_dir), overwrite,

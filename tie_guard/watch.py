@@ -27,6 +27,7 @@ from .effective import all_finite, divergence_sq, effective_weight
 from .events import EventLog
 from .fingerprint import Fingerprint
 from .groups import TieGroup, find_tied_groups, physical_components, storage_identity
+from .init_rewrites import init_rewrite_warnings
 from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, base_model_of, iter_base_parameters
 
@@ -203,7 +204,8 @@ class TieWatcher:
                 "shared weight or compute divergence (no values in memory). Fix: keep the embeddings on a device, "
                 "e.g. device_map={'model.embed_tokens': 0, 'lm_head': 0, ...}, to have them watched in full.",
                 data={"groups": offloaded})
-        for level, message in setup_warnings(self.groups, by_name, root) + stack_warnings(root, base_params):
+        for level, message in (setup_warnings(self.groups, by_name, root) + stack_warnings(root, base_params)
+                               + init_rewrite_warnings(self.model, self.groups, by_name)):
             self.events.emit("setup_warning", step, level, message)
         return self.groups
 
