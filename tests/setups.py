@@ -102,12 +102,12 @@ def measure(setup: str, arch: str = "llama_tied") -> dict:
     return row
 
 
-def record(row: dict) -> None:
-    """Append a measured row to $TIE_GUARD_RESULTS/compat.jsonl (used to render the README table)."""
+def record(row: dict, name: str = "compat.jsonl") -> None:
+    """Append a measured row to $TIE_GUARD_RESULTS/<name> (used to render the README tables)."""
     out = os.environ.get("TIE_GUARD_RESULTS")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        with open(Path(out) / "compat.jsonl", "a") as f:
+        with open(Path(out) / name, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 

@@ -528,7 +528,7 @@ def safe_merge_and_unload(
 EXACT_ON_TIED = {"lora", "dora", "lora_variant", "adalora", "modules_to_save", "trainable_tokens",
                  "boft", "c3a", "deft", "delora", "fourierft", "frod", "glora", "gralora", "hira", "hra", "ia3",
                  "ln_tuning", "loha", "lokr", "miss", "oft", "osf", "peanut", "psoft", "pvera", "randlora", "road",
-                 "supertuning", "tinylora", "unilora", "vblora", "vera", "waveft"}
+                 "shira", "supertuning", "tinylora", "unilora", "vblora", "vera", "waveft"}
 
 
 def _refuse_meta(base_params: list[BaseParameter]) -> None:
@@ -681,15 +681,17 @@ def _refuse_inexact_tuners(peft_model: PeftModel, names: list[str]) -> None:
     merge: "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias")."""
     from .peft_layout import find_module_parts
 
-    for n in names:
-        ptype = str(getattr(peft_model.peft_config[n].peft_type, "value", peft_model.peft_config[n].peft_type))
-        if ptype.upper() in _INPUT_DEPENDENT:
-            label, why = _INPUT_DEPENDENT[ptype.upper()]
+    # X-LoRA registers its own config beside the LoRA experts it mixes (the active adapters are the experts).
+    mixers = [n for n, c in peft_model.peft_config.items() if _peft_type(c) == "XLORA"]
+    for n in mixers + names:
+        ptype = _peft_type(peft_model.peft_config[n])
+        if ptype in _INPUT_DEPENDENT:
+            label, why = _INPUT_DEPENDENT[ptype]
             raise UnsupportedAdapterError(
                 f"Adapter {n!r}: no exact merge for {label}: {why}. Fix: keep it as an "
                 "adapter (PeftModel) for inference, or train a LoRA adapter if you need merged weights."
             )
-        if ptype.upper() == "ADAPTION_PROMPT":
+        if ptype == "ADAPTION_PROMPT":
             raise UnsupportedAdapterError(
                 f"Adapter {n!r} is an adaption prompt ({ptype}): it adds gated prompt attention, not weight deltas, "
                 "so there is nothing to merge. Fix: keep it as an adapter (PeftModel) for inference."
@@ -714,6 +716,11 @@ def _refuse_inexact_tuners(peft_model: PeftModel, names: list[str]) -> None:
                     "drop it (PEFT's own merge refuses this too). Fix: retrain without the bias term (lora_bias=False), "
                     "or target only layers that have a bias, or keep the adapter unmerged."
                 )
+
+
+def _peft_type(config) -> str:
+    """``config.peft_type`` as its upper-case name, e.g. ``"POLY"``."""
+    return str(getattr(config.peft_type, "value", config.peft_type)).upper()
 
 
 def _bias_adapters(layer: nn.Module, wanted: set[str]) -> str:
