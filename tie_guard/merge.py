@@ -676,9 +676,10 @@ _INPUT_DEPENDENT = {
 
 def _refuse_inexact_tuners(peft_model: PeftModel, names: list[str]) -> None:
     """Raise :class:`UnsupportedAdapterError` (before the probe, the merge or any write) for adapters tie_guard
-    cannot merge exactly: input-dependent tuners (Poly, X-LoRA), Lily (no merge in PEFT), adaption prompts (no weights), PEFT layers
-    without a ``merge`` method, and a trained bias (``lora_bias=True``, BEFT) on a layer without one (peft 0.21 itself refuses that
-    merge: "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias")."""
+    cannot merge exactly: input-dependent tuners (Poly, X-LoRA), Lily (no merge in PEFT), adaption prompts (no
+    weights), PEFT layers without a ``merge`` method, and a trained bias (``lora_bias=True``, BEFT) on a layer
+    without one (peft 0.21 itself refuses that merge: "Impossible to merge LoRA with `lora_bias=True` because the
+    base layer has no bias")."""
     from .peft_layout import find_module_parts
 
     # X-LoRA registers its own config beside the LoRA experts it mixes (the active adapters are the experts).
