@@ -1,18 +1,21 @@
-"""Tied architectures, tiny random (real config classes) and real pretrained: verified 'untie' merge of a LoRA head."""
+"""Every family of tied architecture (decoder-only, encoder–decoder, masked LM, VLM wrapper) through the verified
+merge, in eval mode and with dropout active, each tie policy, saved by tie_guard's ``output_dir`` AND by the user's
+own ``save_pretrained``; and real pretrained Gemma-3-270M.
+
+Expectations are computed independently of tie_guard: the adapter model's logits on a probe batch (fp32 tolerance
+1e-4), the base model's input embeddings (bit-equality), and for ``keep_tied`` the head's merged value
+``W + s·B·A`` in float64. Measured rows go to ``$TIE_GUARD_RESULTS/families.jsonl`` (README table).
+"""
 
 import json
 
 import pytest
 import torch
-from conftest import TINY, VOCAB, tiny_model, train_adapter_a_little
+from conftest import VOCAB, train_adapter_a_little
+from families import FAMILIES, build_family
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3Config,
-    Gemma3ForConditionalGeneration,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from setups import record
+from transformers import AutoModelForCausalLM
 
 from tie_guard import find_tied_groups, safe_merge_and_unload
 from tie_guard.probe import make_probe_ids, probe_logits
@@ -21,76 +24,110 @@ from tie_guard.tie_config import tie_flags
 TOL = 1e-4
 
 
-def tiny_t5():
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                               num_heads=4, decoder_start_token_id=0)).eval()
+def _modes(model) -> dict[str, bool]:
+    return {n: m.training for n, m in model.named_modules()}
 
 
-def tiny_gemma3_multimodal():
-    """Gemma3ForConditionalGeneration: the tie flag sits on the outer config and on the nested text_config."""
-    torch.manual_seed(0)
-    cfg = Gemma3Config(
-        text_config=dict(vocab_size=VOCAB + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        mm_tokens_per_image=4, boi_token_index=VOCAB + 1, eoi_token_index=VOCAB + 2, image_token_index=VOCAB + 3,
-    )
-    return Gemma3ForConditionalGeneration(cfg).eval()
+def _build_adapter(family: str, dropout: float):
+    base = build_family(family, dropout)
+    group = next(g for g in find_tied_groups(base) if g.output_members)
+    inputs = {m.name: base.get_parameter(m.name).detach().clone() for m in group.input_members}
+    head = group.output_members[0].name
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(FAMILIES[family].head_targets),
+                     lora_dropout=dropout, init_lora_weights=False)
+    pm = get_peft_model(base, cfg)
+    if dropout:  # trained with dropout, left in train mode as the Trainer leaves it at train end
+        train_adapter_a_little(pm, steps=2)
+        pm.train()
+    return pm, group, inputs, head, cfg
 
 
-def _check_untie(model, targets, tmp_path, reload_cls):
-    inputs = {g_name: model.get_parameter(g_name).detach().clone()
-              for g in find_tied_groups(model) for g_name in [m.name for m in g.input_members]}
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    train_adapter_a_little(pm, steps=3)
+def _expected_head(pm, head: str) -> torch.Tensor:
+    """W + s·B·A in float64, read straight from the PEFT layer (independent of tie_guard.effective)."""
+    layer = pm.get_submodule("base_model.model." + head.rsplit(".", 1)[0])
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    return (layer.base_layer.weight.double() + layer.scaling["default"] * (b @ a)).float()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["eval", "dropout"])
+@pytest.mark.parametrize("policy", ["untie", "keep_tied"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family(family, policy, dropout, tmp_path):
+    pm, group, inputs, head, cfg = _build_adapter(family, dropout)
     probe = make_probe_ids(VOCAB)
     adapter = probe_logits(pm, probe)
-    merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "m", probe_input_ids=probe)
-    assert report.verified and report.max_abs_logit_diff <= TOL
-    for name, before in inputs.items():
-        assert torch.equal(merged.get_parameter(name), before), name
-    reloaded = reload_cls.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    assert (probe_logits(reloaded, probe) - adapter).abs().max().item() <= TOL
-    for name, before in inputs.items():
-        assert torch.equal(reloaded.get_parameter(name), before), name
-    return merged, reloaded, report
+    modes_before = _modes(pm)
+    expected_head = _expected_head(pm, head)
+
+    merged, report = safe_merge_and_unload(pm, policy, output_dir=tmp_path / "ours", probe_input_ids=probe)
+    assert report.verified
+    # Nothing the user gave changes, mode included; the merged model comes back in the mode PEFT's would.
+    assert _modes(pm) == modes_before
+    twin = get_peft_model(build_family(family, dropout), cfg)
+    if dropout:
+        twin.train()
+    assert _modes(merged) == _modes(twin.merge_and_unload())
+
+    merged.save_pretrained(tmp_path / "user")  # the user's own save
+    row = {"family": family, "kind": FAMILIES[family].kind, "policy": policy, "mode": "dropout" if dropout else "eval",
+           "members": len(group.members), "logit_diff": report.max_abs_logit_diff, "copies": len(report.saved_copies)}
+    for route in ("ours", "user"):
+        reloaded = type(merged).from_pretrained(tmp_path / route, dtype=torch.float32)
+        reload_logits = probe_logits(reloaded, probe)
+        for m in group.members:  # every member (biases too) comes back as merged, not re-initialised
+            assert torch.equal(reloaded.get_parameter(m.name), merged.get_parameter(m.name)), (route, m.name)
+        shared = sorted(sorted(g.names) for g in find_tied_groups(reloaded) if g.physical)
+        assert shared == sorted(report.shared_after_reload), route
+        if policy == "untie":
+            assert (reload_logits - adapter).abs().max().item() <= TOL, route
+            for name, before in inputs.items():
+                assert torch.equal(reloaded.get_parameter(name), before), (route, name)
+        else:
+            assert (reload_logits - probe_logits(merged, probe)).abs().max().item() <= TOL, route
+            for name in inputs:
+                assert torch.equal(reloaded.get_parameter(name), reloaded.get_parameter(head)), (route, name)
+        row[f"reload_logit_diff_{route}"] = (reload_logits - adapter).abs().max().item()
+
+    if policy == "untie":
+        assert report.max_abs_logit_diff <= TOL
+        for name, before in inputs.items():
+            assert torch.equal(merged.get_parameter(name), before), name
+        assert (merged.get_parameter(head) - expected_head).abs().max().item() <= 1e-6
+        # Input members stay one tensor in memory where the saved config re-ties them, else equal copies.
+        assert all(torch.equal(merged.get_parameter(n), next(iter(inputs.values()))) for n in inputs)
+    else:
+        assert all(merged.get_parameter(n) is merged.get_parameter(head) for n in inputs)
+        assert (merged.get_parameter(head) - expected_head).abs().max().item() <= 1e-6
+    record(row, "families.jsonl")
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
-def test_decoder_only(arch, tmp_path):
-    merged, reloaded, report = _check_untie(tiny_model(arch), ["lm_head"], tmp_path, AutoModelForCausalLM)
-    assert set(tie_flags(merged.config).values()) == {False}
-    assert reloaded.get_output_embeddings().weight is not reloaded.get_input_embeddings().weight
-    assert report.warnings == []
-
-
-def test_t5_group_of_four_keeps_input_ties(tmp_path):
-    model = tiny_t5()
-    (g,) = find_tied_groups(model)
-    assert len(g.members) == 4 and [m.role for m in g.members].count("input_embedding") == 3
-    merged, reloaded, report = _check_untie(model, ["lm_head", "q"], tmp_path, T5ForConditionalGeneration)
-    # The three input embeddings stay one matrix; only the head is untied.
-    assert merged.shared.weight is merged.encoder.embed_tokens.weight is merged.decoder.embed_tokens.weight
-    assert merged.lm_head.weight is not merged.shared.weight
-    assert reloaded.shared.weight is reloaded.encoder.embed_tokens.weight
-    assert reloaded.lm_head.weight is not reloaded.shared.weight
-    # T5Config forces tie_word_embeddings=True: reported with its consequence.
-    assert any("forces" in w and "tie_weights()" in w for w in report.warnings)
+def test_group_of_four_keeps_input_ties_where_the_config_re_ties_them(tmp_path):
+    """T5Config forces tie_word_embeddings=True: the three input embeddings stay one tensor; BART's flag really
+    goes False, so its encoder/decoder copies become own tensors (reported with their bytes)."""
+    for family, expect_copies in (("t5", 0), ("bart", 2)):
+        pm, group, inputs, head, _ = _build_adapter(family, 0.0)
+        assert len(group.members) == 4 and len(inputs) == 3
+        merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / family)
+        assert len(report.saved_copies) == expect_copies
+        assert all(c["nbytes"] == VOCAB * 32 * 4 for c in report.saved_copies)
+        if family == "t5":
+            assert merged.shared.weight is merged.encoder.embed_tokens.weight is merged.decoder.embed_tokens.weight
+            assert any("forces" in w and "tie_weights()" in w for w in report.warnings)
+        else:
+            assert merged.model.shared.weight is not merged.model.encoder.embed_tokens.weight
+        assert merged.get_parameter(head) is not merged.get_parameter(next(iter(inputs)))
 
 
 def test_nested_text_config_flags(tmp_path):
-    model = tiny_gemma3_multimodal()
-    assert tie_flags(model.config) == {"config.tie_word_embeddings": True, "config.text_config.tie_word_embeddings": True}
-    (g,) = find_tied_groups(model)
-    assert g.names == ("model.language_model.embed_tokens.weight", "lm_head.weight")
-    merged, reloaded, report = _check_untie(model, ["lm_head"], tmp_path, Gemma3ForConditionalGeneration)
+    pm, group, _, _, _ = _build_adapter("gemma3_vlm", 0.0)
+    assert group.names == ("model.language_model.embed_tokens.weight", "lm_head.weight")
+    assert tie_flags(pm.get_base_model().config) == {"config.tie_word_embeddings": True,
+                                                     "config.text_config.tie_word_embeddings": True}
+    merged, _ = safe_merge_and_unload(pm, output_dir=tmp_path / "m")
     assert tie_flags(merged.config) == {"config.tie_word_embeddings": False,
                                         "config.text_config.tie_word_embeddings": False}
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["tie_word_embeddings"] is False and saved["text_config"]["tie_word_embeddings"] is False
-    assert reloaded.lm_head.weight is not reloaded.model.language_model.embed_tokens.weight
 
 
 @pytest.mark.integration

@@ -125,7 +125,9 @@ def storage_identity(t: torch.Tensor) -> tuple:
     return key if key is not None else ("object", id(t))
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets of names (path halving); the smaller name becomes a set's representative."""
+
     def __init__(self):
         self.parent: dict[str, str] = {}
 
@@ -159,7 +161,7 @@ def physical_components(params: dict[str, torch.Tensor]) -> list[list[str]]:
     Returns:
         Components with two or more names, each sorted.
     """
-    uf = _UnionFind()
+    uf = UnionFind()
     by_id: dict[int, str] = {}
     by_ptr: dict[tuple, str] = {}
     for name, p in params.items():
@@ -236,16 +238,16 @@ def find_tied_groups(model: nn.Module) -> list[TieGroup]:
     roles = embedding_roles(model, base_params)
 
     physical = physical_components(tensors)
-    uf = _UnionFind()
+    uf = UnionFind()
     for comp in physical:
         for n in comp[1:]:
             uf.union(comp[0], n)
     declared = {t: s for t, s in declared_ties(model).items() if t in by_name and s in by_name}
-    dec_uf = _UnionFind()
+    dec_uf = UnionFind()
     for t, s in declared.items():
         uf.union(t, s)
         dec_uf.union(t, s)
-    phys_uf = _UnionFind()
+    phys_uf = UnionFind()
     for comp in physical:
         for n in comp[1:]:
             phys_uf.union(comp[0], n)

@@ -15,10 +15,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from .atomic import atomic_directory, check_destination, write_json_atomic
 from .effective import all_finite, effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
-from .groups import TieGroup, find_tied_groups
+from .groups import TieGroup, UnionFind, find_tied_groups, physical_components
+from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
 from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
-from .tie_config import forget_ties, set_tie_flags, tie_flags
+from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags, ties_on_reload
 
 TiePolicy = Literal["untie", "keep_tied", "error"]
 TIE_POLICIES = ("untie", "keep_tied", "error")
@@ -65,6 +66,12 @@ class MergeReport:
             adapted on one side (the shift is the price of keeping one matrix).
         input_embeddings: one :class:`EmbeddingCheck` per input embedding.
         tie_flags_after: ``tie_word_embeddings`` at each config level of the merged model.
+        shared_after_reload: the members of the tie groups that share one tensor in the merged model, which is
+            also what a reload of its saved checkpoint shares (e.g. ``[["model.embed_tokens.weight",
+            "lm_head.weight"]]`` for ``keep_tied``; ``[]`` after an untie on a two-member group).
+        saved_copies: members that were one tensor before the merge and are now separate equal copies because the
+            saved config does not re-tie them (``{"names": [...], "copy_of": name, "nbytes": int}``), e.g. BART's
+            encoder/decoder ``embed_tokens`` after an untie of ``lm_head``.
         output_dir: where the merged model was saved (``None`` when not saved).
         reload_max_abs_logit_diff: max |logit_reloaded − logit_merged| after save → reload.
         reload_input_embeddings_bit_identical: every input embedding after reload equals the merged model's
@@ -91,6 +98,8 @@ class MergeReport:
     logits_match: bool = False
     input_embeddings: list[EmbeddingCheck] = field(default_factory=list)
     tie_flags_after: dict = field(default_factory=dict)
+    shared_after_reload: list[list[str]] = field(default_factory=list)
+    saved_copies: list[dict] = field(default_factory=list)
     output_dir: str | None = None
     reload_max_abs_logit_diff: float | None = None
     reload_input_embeddings_bit_identical: bool | None = None
@@ -225,35 +234,29 @@ def _equal_classes(model: nn.Module, names: list[str]) -> list[list[str]]:
     return [members for _, members in classes]
 
 
+def _tie_source(g: TieGroup, declared: dict[str, str]) -> str:
+    """The member every other member of ``g`` is tied to: the declared tie source (``model.shared.weight`` for BART,
+    ``model.embed_tokens.weight`` for Llama), else the first input embedding, else the first member."""
+    names = set(g.names)
+    sources = sorted({s for t, s in declared.items() if t in names and s in names and s not in declared})
+    if sources:
+        return sources[0]
+    return g.input_members[0].name if g.input_members else g.names[0]
+
+
 def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report: MergeReport) -> None:
-    untied_targets: set[str] = set()
+    """Decide, per tie group, which members share one tensor in the merged model, set the config's tie flags to
+    match, then give the merged model exactly the layout a reload of its saved checkpoint will have
+    (:func:`_match_reload_layout`), so that ``save_pretrained`` by tie_guard or by the user reloads exactly."""
+    declared = declared_ties(merged)
+    untie = False
     for g in groups:
         names = list(g.names)
+        source = _tie_source(g, declared)
         classes = _equal_classes(merged, names)
-        first_input = g.input_members[0].name if g.input_members else names[0]
-        if g.status == "declared_not_tied":
-            if len(classes) > 1:
-                untied_targets |= {n for n in names if n != first_input}
-                report.actions.append(
-                    f"{g.label}: config declares {', '.join(names)} tied but they hold different values; "
-                    "recorded them as untied so a reload keeps each"
-                )
-                continue
-        if g.status == "tied_not_declared":
-            # transformers does not know these share storage (tie flag False): save_pretrained would drop one
-            # of them and from_pretrained would re-initialise it. Give each member its own storage.
-            for n in names:
-                if n != first_input and _shares_storage(merged.get_parameter(n), merged.get_parameter(first_input)):
-                    p = merged.get_parameter(n)
-                    _set_param(merged, n, nn.Parameter(p.detach().clone(), requires_grad=False))
-            report.actions.append(
-                f"{g.label}: {', '.join(names)} shared storage that the config does not declare tied; gave "
-                f"{', '.join(n for n in names if n != first_input)} its own copy so save → reload keeps it"
-            )
-            continue
         if len(classes) == 1:
             # Equal values: one shared Parameter (re-tie if the merge produced separate equal copies).
-            keep = merged.get_parameter(first_input)
+            keep = merged.get_parameter(source)
             for n in names:
                 if merged.get_parameter(n) is not keep:
                     _set_param(merged, n, keep)
@@ -268,37 +271,95 @@ def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report
                 f"{g.label}: kept {', '.join(names)} tied; the shared matrix holds the adapted side's merged value"
             )
             continue
-        # untie: each class keeps its own storage; the input embedding's class stays the tie source.
+        # untie: each class of equal values keeps one storage; the tie source's class stays the source.
         for members in classes:
             keep = merged.get_parameter(members[0])
             for n in members[1:]:
                 _set_param(merged, n, keep)
-        input_class = next(c for c in classes if first_input in c)
-        others = [n for n in names if n not in input_class]
-        untied_targets |= set(others)
-        report.actions.append(f"{g.label}: untied {', '.join(others)} from {first_input}")
-    if untied_targets:
-        removed = forget_ties(merged, untied_targets)
+        others = [n for n in names if n not in next(c for c in classes if source in c)]
+        untie = True
+        if g.status == "declared_not_tied":
+            report.actions.append(f"{g.label}: config declares {', '.join(names)} tied but they hold different "
+                                  "values; recorded them as untied so a reload keeps each")
+        else:
+            report.actions.append(f"{g.label}: untied {', '.join(others)} from {source}")
+    if untie:
         flags = set_tie_flags(merged.config, False)
-        report.actions.append(
-            f"set {', '.join(flags) or 'no tie flag'} = False; removed {', '.join(sorted(removed)) or 'nothing'} "
-            "from transformers' tied-weights record"
-        )
-        # Some configs force the flag in __init__ (T5Config): check what a reload of the saved config will say.
-        cfg = merged.config
-        stuck = [k for k, v in tie_flags(type(cfg).from_dict(cfg.to_dict())).items() if v]
-        if stuck:
+        report.actions.append(f"set {', '.join(flags) or 'no tie flag'} = False")
+    _match_reload_layout(merged, groups, declared, report)
+
+
+def _match_reload_layout(merged: nn.Module, groups: list[TieGroup], declared: dict[str, str],
+                         report: MergeReport) -> None:
+    """Make the merged model share exactly the tensors that ``from_pretrained`` will tie for its saved config.
+
+    ``save_pretrained`` (transformers 5.24 ``remove_tied_weights_from_state_dict``) writes one tensor per storage
+    and drops the others when their names match a class-level ``_tied_weights_keys`` pattern; ``from_pretrained``
+    restores only the pairs of :func:`tie_config.ties_on_reload` whose tensors are equal. A tensor shared in memory
+    but not re-tied on reload would come back missing (re-initialised): BART's encoder/decoder ``embed_tokens``
+    once ``tie_word_embeddings`` is False, BERT's ``cls.predictions.bias``. Such members get their own copy here
+    (the bytes are reported), and transformers' runtime record keeps only the ties the reload will make, so the
+    merged model, its user-saved checkpoint and tie_guard's ``output_dir`` all have one layout.
+    """
+    reload_ties = ties_on_reload(merged)
+    equal_pairs = [(t, s) for t, s in reload_ties.items() if _same_value(merged, t, s)]
+    uf = UnionFind()
+    for t, s in equal_pairs:
+        uf.union(t, s)
+    for t, s in reload_ties.items():
+        if (t, s) not in equal_pairs and _has_param(merged, t) and _has_param(merged, s):
             report.warnings.append(
-                f"{type(merged.config).__name__} forces {', '.join(stuck)} = True, so the saved config still says "
-                "tied. transformers ≥ 5.4 keeps both matrices on reload because they differ, but a later "
-                "tie_weights() (resize_token_embeddings, accelerate FSDP2 prepare) will re-tie them and lose the "
-                "merged output embedding. Fix: do not call tie_weights() on the merged model, or keep the adapter "
-                "unmerged for this architecture."
+                f"the saved config still ties {t} to {s} ({type(merged.config).__name__} forces "
+                f"{', '.join(k for k, v in tie_flags(type(merged.config).from_dict(merged.config.to_dict())).items() if v) or 'it'}"
+                " = True), but they now differ. transformers ≥ 5.4 keeps both on reload because they differ, "
+                "but a later tie_weights() (resize_token_embeddings, accelerate FSDP2 prepare) will re-tie them and "
+                "lose one. Fix: do not call tie_weights() on the merged model, or keep the adapter unmerged for "
+                "this architecture."
             )
+    for g in groups:
+        source = _tie_source(g, declared)
+        by_param: dict[int, list[str]] = {}
+        for n in sorted(g.names, key=lambda n: (n != source, n)):
+            by_param.setdefault(id(merged.get_parameter(n)), []).append(n)
+        for sharing in by_param.values():
+            parts: dict[str, list[str]] = {}
+            for n in sharing:
+                parts.setdefault(uf.find(n), []).append(n)
+            for split in list(parts.values())[1:]:  # the first part (the source's) keeps the tensor
+                p = merged.get_parameter(split[0])
+                copy_ = nn.Parameter(p.detach().clone(), requires_grad=False)
+                for n in split:
+                    _set_param(merged, n, copy_)
+                report.saved_copies.append({"names": split, "copy_of": sharing[0], "nbytes": p.numel() * p.element_size()})
+                report.actions.append(
+                    f"{', '.join(split)}: own copy of {sharing[0]} ({_fmt_bytes(p.numel() * p.element_size())}): "
+                    "the saved config does not declare them tied, so save → reload keeps them as equal copies"
+                )
+    keep = {t for t, _ in equal_pairs}
+    removed = forget_ties(merged, set(declared_ties(merged)) - keep)
+    if removed:
+        report.actions.append(f"removed {', '.join(sorted(set(removed)))} from transformers' tied-weights record")
+    report.shared_after_reload = [sorted(c) for c in physical_components(
+        {n: merged.get_parameter(n) for g in groups for n in g.names})]
 
 
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+def _has_param(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _same_value(model: nn.Module, a: str, b: str) -> bool:
+    if not (_has_param(model, a) and _has_param(model, b)):
+        return False
+    pa, pb = model.get_parameter(a), model.get_parameter(b)
+    return pa is pb or (pa.shape == pb.shape and pa.dtype == pb.dtype and torch.equal(pa, pb))
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _keep_tied_value(merged: nn.Module, g: TieGroup, classes: list[list[str]]) -> nn.Parameter:
@@ -383,6 +444,16 @@ def safe_merge_and_unload(
           removed from transformers' ``all_tied_weights_keys``, so ``save_pretrained`` keeps both tensors and
           neither ``from_pretrained`` nor ``tie_weights()`` / ``resize_token_embeddings`` re-ties them
           (transformers ≥ 5.4 behaviour). Members left equal stay tied.
+
+    Layout (every policy, every parameter: embeddings and biases alike): the merged model shares exactly the
+    tensors that ``from_pretrained`` will re-tie for its saved config (:func:`tie_config.ties_on_reload`); members
+    shared before but not re-tied by that config (BART's encoder/decoder ``embed_tokens`` once the flag is False,
+    BERT's ``cls.predictions.bias``) become equal copies, listed in ``report.saved_copies`` with their bytes. So the
+    merged model saved by the user's own ``save_pretrained`` reloads exactly, like ``output_dir``.
+
+    Modes: every module of the adapter model keeps its own ``training`` flag (verification runs in eval mode and
+    restores each flag, not just the root's); the merged model's modules have the modes of the base model's
+    modules, as PEFT's ``merge_and_unload()`` returns them.
         * ``"keep_tied"``: the group stays one matrix holding the adapted side's merged value (the delta applied
           exactly once); the logit difference this causes is reported, not treated as a failure.
         * ``"error"``: raise :class:`TiedMergeError` if any adapter part touches a physically tied group.
@@ -478,6 +549,9 @@ def safe_merge_and_unload(
         base_params = list(iter_base_parameters(peft_model))
         _refuse_meta(base_params)
         _refuse_merged_state(base_params)
+        defects = [message for _, message in layout_defects(base_params)]
+        if defects:
+            raise UnsupportedAdapterError("cannot merge this adapter exactly: " + " ".join(defects))
         config = peft_model.get_base_model().config
         vocab = _vocab_size(config)
         probe = probe_input_ids if probe_input_ids is not None else make_probe_ids(vocab, *probe_shape)
@@ -639,8 +713,11 @@ def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrit
                 got = reloaded.get_parameter(e.name)
                 ok &= got.shape == want.shape and torch.equal(got, want)
             report.reload_input_embeddings_bit_identical = ok
-            reload_groups = {g.label: g.status for g in find_tied_groups(reloaded)}
-            merged_groups = {g.label: g.status for g in find_tied_groups(merged)}
+            # Every tensor that was in a tie group (biases included) must come back as saved, not re-initialised.
+            members = sorted({row["member"] for row in report.groups_before})
+            lost = [n for n in members if not _same_tensor_values(merged, reloaded, n)]
+            reload_groups = sorted((g.status, g.names) for g in find_tied_groups(reloaded))
+            merged_groups = sorted((g.status, g.names) for g in find_tied_groups(merged))
             del reloaded
             report.seconds["reload"] = time.perf_counter() - t1
             if not report.reload_max_abs_logit_diff <= report.logit_tolerance:
@@ -650,6 +727,9 @@ def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrit
                 )
             if not ok:
                 report.failures.append("after save → reload, input embeddings differ from the expected values")
+            if lost:
+                report.failures.append(f"after save → reload, {', '.join(lost)} differ from the merged model's "
+                                       "(missing from the checkpoint or re-tied on load)")
             if reload_groups != merged_groups:
                 report.failures.append(f"ties changed on reload: {merged_groups} → {reload_groups}")
             if report.failures:
@@ -657,6 +737,14 @@ def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrit
         report.output_dir = str(out)
         report.verified = True
         write_json_atomic(tmp / REPORT_NAME, report.to_dict())
+
+
+def _same_tensor_values(a: nn.Module, b: nn.Module, name: str) -> bool:
+    """``name`` exists in both models with equal shape, dtype and bits."""
+    if not (_has_param(a, name) and _has_param(b, name)):
+        return False
+    pa, pb = a.get_parameter(name), b.get_parameter(name)
+    return pa.shape == pb.shape and pa.dtype == pb.dtype and torch.equal(pa, pb)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -76,13 +76,17 @@ def check_probe_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
+def eval_mode(model: nn.Module):
+    """Put every module of ``model`` in eval mode (dropout off) for the block, then give each module back its own
+    ``training`` flag. ``model.train(flag)`` would not do: it sets every submodule to the root's flag, and
+    ``peft.get_peft_model`` leaves a ``PeftModel`` root in train mode above a base model in eval mode."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     # ``model.forward`` with an autocast wrapper (e.g. bf16 autocast under SFTConfig's default bf16=True), which
     # would make the reference logits depend on the training run's mixed-precision setting.
     forward = type(model).forward
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         out = forward(model, **kwargs)
     return out.logits.detach().float().cpu()
 

@@ -100,3 +100,30 @@ def forget_ties(model: nn.Module, targets: set[str]) -> list[str]:
                 keys.pop(target)
                 removed.append(full)
     return removed
+
+
+def ties_on_reload(model: PreTrainedModel) -> dict[str, str]:
+    """What ``from_pretrained`` will tie when a checkpoint saved from ``model`` is loaded into ``type(model)``:
+    ``{target: source}`` canonical names.
+
+    The config goes through the same ``to_dict`` → ``from_dict`` round trip as ``save_pretrained`` /
+    ``from_pretrained`` (so a config class that forces the tie flag in ``__init__``, like ``T5Config``, says what
+    the saved file will say), and an empty shell of the model is built from it on the meta device (no memory, no
+    initialisation); its tie record is read with :func:`declared_ties`. transformers 5.x (checked with 5.24)
+    computes that record in ``post_init`` from each submodel's ``config.tie_word_embeddings``, and
+    ``from_pretrained`` ties exactly those pairs (skipping, with a warning, a pair whose two tensors are both in the
+    checkpoint and differ, since 5.4).
+
+    Falls back to the model's own current record (``declared_ties(model)``) when the shell cannot be built
+    (a class whose ``__init__`` needs more than its config).
+    """
+    import torch
+
+    config = model.config
+    reloaded = type(config).from_dict(config.to_dict())
+    try:
+        with torch.device("meta"):
+            shell = type(model)(reloaded)
+    except Exception:  # noqa: BLE001 - any failure to build the shell: use what the model itself records
+        return declared_ties(model)
+    return declared_ties(shell)

@@ -28,6 +28,7 @@ from .events import EventLog
 from .errors import UnsupportedAdapterError
 from .fingerprint import Fingerprint
 from .groups import TieGroup, find_tied_groups, physical_components, storage_identity
+from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, base_model_of, iter_base_parameters
 
 
@@ -488,28 +489,15 @@ def _trl_fused_lm_head(root: nn.Module) -> bool:
 
 def stack_warnings(root: nn.Module, base_params: list[BaseParameter]) -> list[tuple[str, str]]:
     """Errors for PEFT layouts that fail or silently train the wrong thing, each with its fix."""
-    out = []
-    seen = set()
+    out = layout_defects(base_params)
     fused = _trl_fused_lm_head(root)
     out_mod = getattr(root, "get_output_embeddings", lambda: None)()
     for bp in base_params:
-        if not bp.parts or bp.module_path in seen:
-            continue
-        seen.add(bp.module_path)
-        kinds = [p.kind for p in bp.parts]
-        if kinds[:2] == ["trainable_tokens", "modules_to_save"]:
-            out.append(("error",
-                        f"{bp.module_path}: PEFT wraps trainable tokens around a modules_to_save copy "
-                        f"({', '.join(p.describe() for p in bp.parts)}); PEFT 0.21 cannot run that layer's forward "
-                        "('TrainableTokensLayer wraps an unknown layer type'). TRL's SFTTrainer builds it when "
-                        "clone_chat_template adds tokens to a tied model. Fix: add the tokens yourself "
-                        "(tokenizer.add_special_tokens + model.resize_token_embeddings) and train "
-                        "modules_to_save=['embed_tokens','lm_head'] with ensure_weight_tying=True, or only "
-                        "trainable_token_indices."))
-        elif fused and bp.parts[0].wrapper is out_mod and kinds[0] == "trainable_tokens":
+        if fused and bp.parts and bp.parts[0].wrapper is out_mod and bp.parts[0].kind == "trainable_tokens":
             out.append(("error",
                         f"{bp.module_path}: TRL's fused LM head computes the loss from "
                         f"{bp.module_path}.weight directly, so the trainable-token rows of the output embedding "
                         "are bypassed (and trl 1.16 fails reading its bias). Fix: put the head in "
                         "modules_to_save (ensure_weight_tying=True on a tied model) instead of trainable tokens."))
+            break
     return out
