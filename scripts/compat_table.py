@@ -1,7 +1,9 @@
-"""Render the README compatibility table from the numbers the setup-matrix tests measured.
+"""Render the README compatibility tables from the numbers the tests measured.
 
     TIE_GUARD_RESULTS=results .venv/bin/python -m pytest tests/test_setups.py -k merge_matrix
     .venv/bin/python scripts/compat_table.py results/compat.jsonl
+    TIE_GUARD_RESULTS=results .venv/bin/python -m pytest tests/test_tuners.py
+    .venv/bin/python scripts/compat_table.py --tuners results/tuners.jsonl
 """
 
 from __future__ import annotations
@@ -30,13 +32,32 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def render_tuners(rows: list[dict]) -> str:
+    """The per-tuner table from ``tuners.jsonl`` rows (``tests/test_tuners.py``): one row per PEFT tuner on a tiny
+    tied Llama's ``lm_head`` (+ ``q_proj``), trained 3 steps."""
+    out = ["| PEFT tuner (on tied `lm_head` + `q_proj`) | outcome | max abs logit diff vs adapter (tolerance) "
+           "| after reload: `output_dir` / user's `save_pretrained` | adapter's own effect on logits |",
+           "|" + "---|" * 5]
+    for r in rows:
+        if r["outcome"] == "exact":
+            out.append(f"| {r['tuner']} | exact merge | {_f(r['logit_diff'])} ({_f(r['tolerance'])}) "
+                       f"| {_f(r['reload_output_dir_diff'])} / {_f(r['reload_user_save_diff'])} "
+                       f"| {_f(r['adapter_effect'])} |")
+        else:
+            why = "refused up front" if r["outcome"] == "refused" else "PEFT itself fails"
+            msg = r["message"].split(". Fix:")[0].replace("|", "\\|")
+            out.append(f"| {r['tuner']} | {why}: {msg} | – | – | – |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="compat.jsonl written by tests/test_setups.py")
+    ap.add_argument("results", help="compat.jsonl (tests/test_setups.py) or, with --tuners, tuners.jsonl")
+    ap.add_argument("--tuners", action="store_true", help="render the per-tuner table from tests/test_tuners.py")
     args = ap.parse_args(argv)
     with open(args.results) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    print(render(rows))
+    print(render_tuners(rows) if args.tuners else render(rows))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,16 @@ def base_and_adapter(tmp_path):
     return tmp_path / "base", tmp_path / "adapter"
 
 
-def test_unexact_tuner_on_tied_module_names_the_module():
-    pm = get_peft_model(tiny_model("gemma2"), IA3Config(target_modules=["lm_head"], feedforward_modules=[]))
-    with pytest.raises(UnsupportedAdapterError, match=r"lm_head\.weight is tied .* ia3.*Fix"):
-        safe_merge_and_unload(pm)
+def test_other_tuner_on_tied_module_merges_exactly():
+    """IA3 on a tied lm_head (scaled-embedding Gemma2) merges through PEFT's own layer merge on a copy: logits
+    match and the input embedding stays bit-identical (every tuner: tests/test_tuners.py)."""
+    base = tiny_model("gemma2")
+    embed = base.model.embed_tokens.weight.detach().clone()
+    pm = train_adapter_a_little(get_peft_model(base, IA3Config(target_modules=["lm_head"], feedforward_modules=[])),
+                                steps=2)
+    merged, rep = safe_merge_and_unload(pm)
+    assert rep.verified and rep.max_abs_logit_diff <= rep.logit_tolerance
+    assert torch.equal(merged.model.embed_tokens.weight, embed)
 
 
 def test_prompt_tuning_has_nothing_to_merge():

@@ -5,9 +5,14 @@ This is the one place that knows PEFT's merge arithmetic (checked against peft 0
 
 * vanilla LoRA on ``nn.Linear``: ``W + scaling · B @ A`` (``B``: out × r, ``A``: r × in);
 * vanilla LoRA on ``nn.Embedding``: ``W + scaling · (B @ A)ᵀ`` (``A``: r × num_embeddings, ``B``: dim × r);
-* other LoRA variants (DoRA, ...) and other PEFT tuners: PEFT's own ``merge_safe`` / ``merge`` on a copy;
+* AdaLoRA (``SVDLinear``, peft 0.21 ``adalora/layer.py`` ``get_delta_weight``):
+  ``W + B @ (A ⊙ E) · scaling / (ranknum + 1e-5)`` (``A``: r × in, ``E``: r × 1, ``B``: out × r);
+* other LoRA variants (DoRA, ...) and other PEFT tuners: PEFT's own ``merge(safe_merge=True)`` on a copy of the
+  layer (autograd state, e.g. ``ensure_weight_tying``'s tied views or MonteCLoRA's sampled buffers, is copied
+  detached);
 * ``modules_to_save``: the trained copy's weight;
-* trainable tokens: ``W`` with the trained rows ``index_copy``-ed in.
+* trainable tokens (``trainable_token_indices`` or a standalone ``TrainableTokensConfig``): ``W`` with the trained
+  rows ``index_copy``-ed in.
 
 Everything returned is a new tensor or an existing tensor that is only read; base weights, adapter weights and
 modules are never written.
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedAdapterError
-from .peft_layout import AdapterPart
+from .peft_layout import AdapterPart, TrainableTokensWrapper
 
 #: Rows per chunk when a full vocab × hidden result is built or reduced piecewise (memory: chunk × hidden).
 CHUNK_ROWS = 4096
@@ -107,7 +112,8 @@ def effective_weight(base_weight: torch.Tensor, parts: list[AdapterPart], attr: 
         parts: adapter parts from :func:`tie_guard.peft_layout.unwrap`; ``[]`` means untouched.
         attr: which parameter of the module (``"weight"`` or ``"bias"``).
     Raises:
-        UnsupportedAdapterError: nested wrappers, or a PEFT layer that has no exact merge.
+        UnsupportedAdapterError: nested wrappers, or a PEFT layer that has no exact merge (for layers merged by
+            PEFT's own code, raised when the ``"dense"`` weight is first built: ``rows`` / ``materialize``).
     """
     with torch.no_grad():
         return _effective(base_weight, parts, attr)
@@ -136,7 +142,7 @@ def _apply(part: AdapterPart, w: torch.Tensor, attr: str) -> EffectiveWeight:
     if part.kind == "trainable_tokens":
         if attr != "weight":
             return EffectiveWeight(base=w, kind="zero")
-        tok = layer.token_adapter
+        tok = layer.token_adapter if isinstance(layer, TrainableTokensWrapper) else layer
         idx, vals = [], []
         for name in part.adapter_names:
             if name in tok.token_indices:
@@ -168,6 +174,8 @@ def _apply(part: AdapterPart, w: torch.Tensor, attr: str) -> EffectiveWeight:
                 b = layer.lora_embedding_B[name].detach()  # dim × r
                 terms.append((a.T * scale, b.T))
         return EffectiveWeight(base=w, kind="lowrank", lowrank=terms)
+    if part.kind == "adalora":
+        return _adalora(w, part, attr)
     # DoRA, other LoRA variants, other tuners: PEFT's own merge on a copy (exact, costs a full copy).
     if attr == "bias":
         return EffectiveWeight(base=w, kind="dense", full=lambda: _peft_merged_module(part).bias.detach())
@@ -188,6 +196,22 @@ def _lora_bias(b: torch.Tensor, layer: nn.Module, names: list[str]) -> Effective
     return EffectiveWeight(base=b, kind="dense", full=full)
 
 
+def _adalora(w: torch.Tensor, part: AdapterPart, attr: str) -> EffectiveWeight:
+    """AdaLoRA's ``SVDLinear``: ``ΔW = B @ (A ⊙ E) · scaling / (ranknum + 1e-5)`` as one low-rank term
+    (``U = B · scaling / (ranknum + 1e-5)``: out × r, ``V = A ⊙ E``: r × in); AdaLoRA has no bias term."""
+    layer = part.wrapper
+    names = [n for n in part.adapter_names if n in layer.lora_A]
+    if attr != "weight" or not names:
+        return EffectiveWeight(base=w, kind="zero")
+    if getattr(layer, "fan_in_fan_out", False) or layer.lora_A[names[0]].dim() != 2 or w.dim() != 2:
+        return _dense_via_peft(w, part)  # Conv1D / SVDConv2d layouts: PEFT's own merge on a copy
+    terms = []
+    for name in names:
+        factor = layer.scaling[name] / (layer.ranknum[name].detach() + 1e-5)
+        terms.append((layer.lora_B[name].detach() * factor, layer.lora_A[name].detach() * layer.lora_E[name].detach()))
+    return EffectiveWeight(base=w, kind="lowrank", lowrank=terms)
+
+
 def _dense_via_peft(w: torch.Tensor, part: AdapterPart) -> EffectiveWeight:
     return EffectiveWeight(base=w, kind="dense", full=lambda: _peft_merged_module(part).weight.detach())
 
@@ -200,9 +224,45 @@ def _peft_merged_module(part: AdapterPart) -> nn.Module:
             f"PEFT layer {type(layer).__name__} on {part.module_path!r} has no merge, so the merged weights cannot "
             "be computed exactly. Fix: keep the adapter unmerged, or train this module with LoRA instead."
         )
-    clone = copy.deepcopy(layer)
-    clone.merge(safe_merge=True, adapter_names=list(part.adapter_names))
+    clone = copy.deepcopy(layer, _detached_non_leaves(layer))
+    try:
+        clone.merge(safe_merge=True, adapter_names=list(part.adapter_names))
+    except (NotImplementedError, ValueError, RuntimeError) as exc:
+        raise UnsupportedAdapterError(
+            f"PEFT cannot merge {type(layer).__module__}.{type(layer).__name__} on {part.module_path!r} ({exc}), so "
+            "the merged weights cannot be computed exactly. Fix: keep the adapter unmerged (PeftModel), or train "
+            "this module with LoRA instead."
+        ) from exc
     return clone.get_base_layer()
+
+
+def _detached_non_leaves(layer: nn.Module) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo mapping every non-leaf tensor that ``layer``'s modules hold outside their
+    parameters (e.g. peft 0.21 ``ensure_weight_tying`` keeps ``kwargs["tied_adapter"]`` views of the tied side's
+    factors; MonteCLoRA's sampler keeps buffers computed in the last forward) to a detached copy: torch 2.13
+    refuses to deepcopy non-leaf tensors, and the copy must not carry the adapter model's autograd graph."""
+    memo: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def visit(value) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                visit(v)
+
+    for module in layer.modules():
+        for key, value in vars(module).items():
+            if key != "_modules":
+                visit(value)
+    return memo
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -526,6 +526,7 @@ def safe_merge_and_unload(
                 f"Adapter {n!r} is a prompt-learning adapter ({peft_model.peft_config[n].peft_type}); it has no "
                 "weights to merge. Fix: keep it as an adapter (PeftModel) for inference."
             )
+    _refuse_inexact_tuners(peft_model, names)
     if output_dir is not None:
         check_destination(output_dir, overwrite)
 
@@ -614,8 +615,13 @@ def safe_merge_and_unload(
     return merged, report
 
 
-#: Adapter parts whose merge into a tied weight tie_guard computes exactly (see tie_guard.effective).
-EXACT_ON_TIED = {"lora", "dora", "lora_variant", "modules_to_save", "trainable_tokens"}
+#: Adapter parts whose merge into a tied weight tie_guard computes exactly (see tie_guard.effective): LoRA and
+#: AdaLoRA by their factors, modules_to_save and trainable tokens directly, and the other peft 0.21 tuners below by
+#: PEFT's own layer merge on a copy, each measured exact on a trained tied lm_head by tests/test_tuners.py.
+EXACT_ON_TIED = {"lora", "dora", "lora_variant", "adalora", "modules_to_save", "trainable_tokens",
+                 "boft", "c3a", "deft", "delora", "fourierft", "frod", "glora", "gralora", "hira", "hra", "ia3",
+                 "ln_tuning", "loha", "lokr", "miss", "oft", "osf", "peanut", "psoft", "pvera", "randlora", "road",
+                 "shira", "supertuning", "tinylora", "unilora", "vblora", "vera", "waveft"}
 
 
 def _refuse_meta(base_params: list[BaseParameter]) -> None:
@@ -758,3 +764,78 @@ def _same_tensor_values(a: nn.Module, b: nn.Module, name: str) -> bool:
         return False
     pa, pb = a.get_parameter(name), b.get_parameter(name)
     return pa.shape == pb.shape and pa.dtype == pb.dtype and torch.equal(pa, pb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tuners without an exact merge: refused before any work
+# ----------------------------------------------------------------------------------------------------------------
+
+#: PEFT tuners (``PeftType`` names, peft 0.21) with no merged weight: mixing adapters per input, or no merge.
+_INPUT_DEPENDENT = {
+    "POLY": ("Poly", "its router mixes its LoRA modules per task (the forward needs task_ids), so no single merged "
+             "weight computes what the adapter model computes"),
+    "LILY": ("Lily", "PEFT 0.21 has no merge for Lily (its layers raise NotImplementedError), so the merged "
+                     "weights cannot be computed"),
+    "XLORA": ("X-LoRA", "its classifier mixes its LoRA experts per token from the hidden states, so no single "
+                        "merged weight computes what the adapter model computes"),
+}
+
+
+def _refuse_inexact_tuners(peft_model: PeftModel, names: list[str]) -> None:
+    """Raise :class:`UnsupportedAdapterError` (before the probe, the merge or any write) for adapters tie_guard
+    cannot merge exactly: input-dependent tuners (Poly, X-LoRA), Lily (no merge in PEFT), adaption prompts (no
+    weights), PEFT layers without a ``merge`` method, and a trained bias (``lora_bias=True``, BEFT) on a layer
+    without one (peft 0.21 itself refuses that merge: "Impossible to merge LoRA with `lora_bias=True` because the
+    base layer has no bias")."""
+    from .peft_layout import find_module_parts
+
+    # X-LoRA registers its own config beside the LoRA experts it mixes (the active adapters are the experts).
+    mixers = [n for n, c in peft_model.peft_config.items() if _peft_type(c) == "XLORA"]
+    for n in mixers + names:
+        ptype = _peft_type(peft_model.peft_config[n])
+        if ptype in _INPUT_DEPENDENT:
+            label, why = _INPUT_DEPENDENT[ptype]
+            raise UnsupportedAdapterError(
+                f"Adapter {n!r}: no exact merge for {label}: {why}. Fix: keep it as an "
+                "adapter (PeftModel) for inference, or train a LoRA adapter if you need merged weights."
+            )
+        if ptype == "ADAPTION_PROMPT":
+            raise UnsupportedAdapterError(
+                f"Adapter {n!r} is an adaption prompt ({ptype}): it adds gated prompt attention, not weight deltas, "
+                "so there is nothing to merge. Fix: keep it as an adapter (PeftModel) for inference."
+            )
+    wanted = set(names)
+    for path, parts in find_module_parts(peft_model).items():
+        for part in parts:
+            layer = part.wrapper
+            if part.kind not in ("modules_to_save", "trainable_tokens") and not hasattr(layer, "merge"):
+                raise UnsupportedAdapterError(
+                    f"{type(layer).__module__}.{type(layer).__name__} on {path!r} ({part.kind}) has no merge in "
+                    "PEFT, so its merged weights cannot be computed exactly. Fix: keep the adapter unmerged "
+                    "(PeftModel), or train this module with LoRA instead."
+                )
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+            trained_bias = _bias_adapters(layer, wanted)
+            if trained_bias and getattr(base, "bias", None) is None:
+                raise UnsupportedAdapterError(
+                    f"{path!r} is trained with {trained_bias} but its base layer {type(base).__name__} has no bias: "
+                    "the merged module would need a new bias parameter that "
+                    f"{type(peft_model.get_base_model()).__name__} does not have, so save → from_pretrained would "
+                    "drop it (PEFT's own merge refuses this too). Fix: retrain without the bias term (lora_bias=False), "
+                    "or target only layers that have a bias, or keep the adapter unmerged."
+                )
+
+
+def _peft_type(config) -> str:
+    """``config.peft_type`` as its upper-case name, e.g. ``"POLY"``."""
+    return str(getattr(config.peft_type, "value", config.peft_type)).upper()
+
+
+def _bias_adapters(layer: nn.Module, wanted: set[str]) -> str:
+    """Which bias-training option of ``wanted`` adapters ``layer`` carries (``""`` when none): LoRA's
+    ``lora_bias=True`` (peft 0.21 ``lora_B`` with a bias) or BEFT's ``beft_bias``."""
+    lora = [a for a, on in (getattr(layer, "lora_bias", None) or {}).items() if on and a in wanted]
+    if lora:
+        return f"lora_bias=True (adapter {', '.join(lora)})"
+    beft = [a for a in (getattr(layer, "beft_bias", None) or {}) if a in wanted]
+    return f"a BEFT bias (adapter {', '.join(beft)})" if beft else ""

@@ -6,7 +6,10 @@ PEFT (checked with 0.21) wraps a targeted module in place:
 * ``modules_to_save``: ``ModulesToSaveWrapper`` with ``original_module`` and a trained copy in
   ``modules_to_save.<adapter>``;
 * ``trainable_token_indices``: ``TrainableTokensWrapper`` → ``token_adapter`` (a ``TrainableTokensLayer``) whose
-  ``base_layer`` is the original module.
+  ``base_layer`` is the original module;
+* a standalone ``TrainableTokensConfig`` (PEFT's ``TrainableTokensModel``): the ``TrainableTokensLayer`` itself
+  replaces the module (no wrapper), with ``base_layer`` the original module; on a tied model the tied output
+  embedding gets its own ``TrainableTokensLayer`` sharing the input side's deltas (``tied_adapter``).
 
 The canonical name of a base parameter is its name in the base model's own state dict (no ``base_model.model.``
 prefix, no ``base_layer`` / ``original_module`` / ``token_adapter`` segments), e.g. ``lm_head.weight``.
@@ -23,6 +26,7 @@ from torch import nn
 try:  # PEFT is a hard dependency, but keep the import failure readable.
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, TrainableTokensWrapper
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     raise ImportError("tie_guard needs peft>=0.21: pip install 'peft>=0.21'") from exc
@@ -33,8 +37,9 @@ class AdapterPart:
     """One PEFT construct that changes what a base module computes.
 
     Attributes:
-        kind: ``"lora"``, ``"dora"``, ``"lora_variant"`` (another LoRA variant), ``"modules_to_save"``,
-            ``"trainable_tokens"``, or the lower-cased class name of another PEFT tuner layer (e.g. ``"ia3"``).
+        kind: ``"lora"``, ``"dora"``, ``"lora_variant"`` (another LoRA variant), ``"adalora"`` (AdaLoRA's
+            ``SVDLinear``: a ``LoraLayer`` subclass with another delta), ``"modules_to_save"``,
+            ``"trainable_tokens"`` (wrapper is a ``TrainableTokensWrapper`` or a standalone ``TrainableTokensLayer``), or the lower-cased class name of another PEFT tuner layer (e.g. ``"ia3"``).
         adapter_names: the adapters of this wrapper that the model currently uses (PEFT's ``active_adapters``).
         wrapper: the PEFT module object (``lora.Linear``, ``ModulesToSaveWrapper``, ...).
         module_path: canonical path of the wrapped module, e.g. ``"lm_head"``.
@@ -90,8 +95,11 @@ def is_peft_wrapper(module: nn.Module) -> bool:
 
 
 def _part_kind(layer: nn.Module, adapter_names: tuple[str, ...]) -> str:
+    from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
+    if isinstance(layer, AdaLoraLayer):  # subclasses LoraLayer, but its delta is B @ (A * E) / ranknum
+        return "adalora"
     if isinstance(layer, LoraLayer):
         variants = getattr(layer, "lora_variant", {}) or {}
         if any(name in variants for name in adapter_names):
@@ -122,6 +130,9 @@ def unwrap(module: nn.Module, real_path: str, canonical_path: str) -> tuple[nn.M
             names = _adapters_present(module.token_adapter)
             parts.append(AdapterPart("trainable_tokens", names, module, canonical_path))
             module, real_path = module.token_adapter.base_layer, _join(real_path, "token_adapter.base_layer")
+        elif isinstance(module, TrainableTokensLayer):  # standalone TrainableTokensConfig: no wrapper around it
+            parts.append(AdapterPart("trainable_tokens", _adapters_present(module), module, canonical_path))
+            module, real_path = module.base_layer, _join(real_path, "base_layer")
         elif isinstance(module, ModulesToSaveWrapper):
             names = tuple(n for n in _adapters_present(module) if n in module.modules_to_save)
             parts.append(AdapterPart("modules_to_save", names, module, canonical_path))

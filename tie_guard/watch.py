@@ -25,6 +25,7 @@ from .distributed import (
 )
 from .effective import all_finite, divergence_sq, effective_weight
 from .events import EventLog
+from .errors import UnsupportedAdapterError
 from .fingerprint import Fingerprint
 from .groups import TieGroup, find_tied_groups, physical_components, storage_identity
 from .init_rewrites import init_rewrite_warnings
@@ -268,7 +269,12 @@ class TieWatcher:
                                  f"divergence of {g.label} is not computed on sharded weights ({exc}); ties, frozen "
                                  "shared weights and NaN/Inf are still checked every check.")
                 return None
-            sq = float(divergence_sq(e_out, e_in))
+            try:
+                sq = float(divergence_sq(e_out, e_in))
+            except UnsupportedAdapterError as exc:  # PEFT cannot build this layer's merged weight
+                self._no_divergence.add(g.label)
+                self.events.emit("setup_warning", step, "warning", f"divergence of {g.label} is not computed: {exc}")
+                return None
         return sq if sharded or not self.combine else sq / world()[1]
 
     def _resolve(self) -> dict[str, torch.Tensor]:
