@@ -29,8 +29,8 @@ def main() -> int:
     parser.add_argument("--output_dir", default="outputs/zero3-check")
     parser.add_argument("--max_steps", type=int, default=20)
     args = parser.parse_args()
-    if not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None:
-        print("SKIP: the ZeRO-3 check needs a CUDA GPU and deepspeed installed")
+    if importlib.util.find_spec("deepspeed") is None:
+        print("SKIP: the ZeRO-3 check needs deepspeed installed (pip install 'tie_guard[deepspeed]')")
         return 0
 
     from peft import LoraConfig, get_peft_model
@@ -51,7 +51,8 @@ def main() -> int:
     ids = torch.randint(0, 4096, (256, 64), generator=gen)
     data = [{"input_ids": row, "labels": row} for row in ids]
     training_args = TrainingArguments(output_dir=str(out), max_steps=args.max_steps, per_device_train_batch_size=8,
-                                      learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=5)
+                                      learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=5,
+                                      use_cpu=not torch.cuda.is_available())
     guard = TieGuardCallback(check_every=5)
     trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=[guard])
     trainer.train()

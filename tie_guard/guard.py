@@ -16,7 +16,8 @@ from torch import nn
 
 from .atomic import write_json_atomic
 from .config import TieGuardConfig
-from .distributed import full_state_dict, has_sharded_parameters, is_distributed, is_main_process, unsharded_replica
+from .distributed import (full_state_dict, has_sharded_parameters, is_distributed, is_main_process,
+                          unsharded_replica, zero3_integration_paused)
 from .errors import TieBrokenError, TieGuardError
 from .events import EventLog
 from .merge import REPORT_NAME, safe_merge_and_unload
@@ -220,32 +221,39 @@ class TieGuard:
             self.should_stop = True
 
     def _merge(self, model: PeftModel, step: int, tokenizer) -> dict:
-        sharded = has_sharded_parameters(model)
-        source = model
-        if sharded:
-            state = full_state_dict(model)  # collective: every rank takes part
-            source = unsharded_replica(model, state) if self.main_process else None
+        try:
+            state = full_state_dict(model) if has_sharded_parameters(model) else None  # collective: every rank
+        except TieGuardError as exc:  # raised on every rank alike: all ranks skip the merge together
+            return self._merge_failed(step, exc)
         out = {}
         if self.main_process:
-            out = self._merge_on_main(source, step, tokenizer, inplace=sharded)
+            out = self._merge_on_main(model, state, step, tokenizer)
         if is_distributed():
-            dist.barrier()  # ranks leave together, after the main process has saved and verified
+            dist.barrier()  # ranks leave together, after the main process has saved and verified (or failed)
         return out
 
-    def _merge_on_main(self, model: PeftModel, step: int, tokenizer, inplace: bool) -> dict:
+    def _merge_failed(self, step: int, exc: TieGuardError) -> dict:
+        self.status = "merge_failed"
+        report = getattr(exc, "report", None)
+        self.events.emit("merge", step, "error", f"merge failed: {exc}", metrics={"merge/verified": 0},
+                         data={"report": report.to_dict() if report is not None else None})
+        return {"merge/verified": False}
+
+    def _merge_on_main(self, model: PeftModel, state: dict | None, step: int, tokenizer) -> dict:
+        """Merge ``model`` (or, with the gathered ``state`` of a sharded model, its unsharded replica, merged in
+        place). A ``TieGuardError`` (building the replica included) is logged as ``merge_failed``, not raised, so the
+        other ranks' barrier is still met."""
         out = self.output_dir / self.config.merged_dir
         try:
-            merged, report = safe_merge_and_unload(
-                model, self.config.tie_policy, output_dir=out, tokenizer=tokenizer, overwrite=True,
-                probe_shape=(self.config.probe_batch_size, self.config.probe_seq_len),
-                verify_reload=self.config.verify_reload, inplace=inplace,
-            )
+            with zero3_integration_paused():  # the copy, the merge and the reload are plain models on this rank
+                source = model if state is None else unsharded_replica(model, state)
+                merged, report = safe_merge_and_unload(
+                    source, self.config.tie_policy, output_dir=out, tokenizer=tokenizer, overwrite=True,
+                    probe_shape=(self.config.probe_batch_size, self.config.probe_seq_len),
+                    verify_reload=self.config.verify_reload, inplace=state is not None,
+                )
         except TieGuardError as exc:
-            self.status = "merge_failed"
-            report = getattr(exc, "report", None)
-            self.events.emit("merge", step, "error", f"merge failed: {exc}", metrics={"merge/verified": 0},
-                             data={"report": report.to_dict() if report is not None else None})
-            return {"merge/verified": False}
+            return self._merge_failed(step, exc)
         self.merge_report, self.merged_model = report, merged
         write_json_atomic(self.output_dir / REPORT_NAME, report.to_dict())
         metrics = {
