@@ -16,8 +16,9 @@ also writes the run's events, merge and checkpoints:
 * ``loop``: a custom Accelerate loop with ``guard_accelerator``: ``accelerator.save_state`` at step 2, merge at 4.
 * ``loop_resume``: a new model and loop, ``guard_accelerator(resume_from=OUT/loop/checkpoint-2)`` and
   ``accelerator.load_state`` of it (each compares with the checkpoint's tie_guard state), trained to step 4.
-* ``loop_resume_broken``: the same with the tie broken before ``accelerator.prepare``: both comparisons report it;
-  DeepSpeed's ``load_state`` then fails (the model has another parameter set), recorded.
+* ``loop_resume_broken``: the same with the tie broken before ``accelerator.prepare``: ``resume_from`` reports it;
+  DeepSpeed's ``load_state`` then fails (the model has another parameter set; accelerate 1.15 runs the load_state
+  pre-hooks only after DeepSpeed engines have loaded), recorded.
 * ``loop_broken``: rank 1 gives its head its own matrix at step 2 (``on_break="stop"``).
 """
 
@@ -110,7 +111,7 @@ def loop_run(out: Path, run: str) -> dict:
     step, seen = 0, partitioning(accelerator.unwrap_model(model))
     if resume:
         try:
-            accelerator.load_state(str(checkpoint))  # its pre-hook compares with the checkpoint once more
+            accelerator.load_state(str(checkpoint))  # its pre-hook (after DeepSpeed's load) compares once more
         except KeyError as exc:  # DeepSpeed cannot load a checkpoint into a model with other parameters
             return {**record_of(guard, rank, accelerator.num_processes, CHECKPOINT_STEP, seen),
                     "load_state_error": f"KeyError: {exc}"}

@@ -180,11 +180,20 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def gather_objects(obj) -> list:
+    """``obj`` (picklable) of every rank, in rank order: one ``all_gather_object``, every rank must call it;
+    ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    per_rank: list = [None] * world()[1]
+    dist.all_gather_object(per_rank, obj)
+    return per_rank
+
+
 def gather_findings(local: list[tuple[str, str, str]]) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """All ranks' findings ``(kind, group, message)``, deduplicated, each with the ranks that found it, in the order
     of the lowest such rank. One ``all_gather_object``; every rank must call it."""
-    per_rank: list = [None] * world()[1]
-    dist.all_gather_object(per_rank, local)
+    per_rank = gather_objects(local)
     merged: dict[tuple[str, str, str], list[int]] = {}
     for r, items in enumerate(per_rank):
         for item in items:
@@ -200,8 +209,7 @@ def check_same_on_all_ranks(signature, what: str) -> None:
     """
     if not is_distributed():
         return
-    per_rank: list = [None] * world()[1]
-    dist.all_gather_object(per_rank, signature)
+    per_rank = gather_objects(signature)
     if any(s != per_rank[0] for s in per_rank):
         detail = "; ".join(f"rank {r}: {s}" for r, s in enumerate(per_rank))
         raise TieGuardError(
