@@ -125,7 +125,7 @@ def test_zero3_and_zero2_train_the_same(launched):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(LAUNCHES))
+@pytest.mark.parametrize("name", ["zero3-2ranks", "zero2-2ranks"])
 def test_save_model_adapter_merges_again_with_the_cli(launched, name):
     """``trainer.save_model()`` under ``zero3_save_16bit_model`` (gathered weights) wrote the adapter; ``tie-guard
     merge`` of it onto the saved base verifies and equals the callback's merge."""
@@ -189,7 +189,8 @@ def test_tie_broken_on_rank1_reported_once_all_ranks_stop_and_refuse_the_merge(l
     events = read_events(out / run / "tie_guard_events.jsonl")
     breaks = [e for e in events if e["event"] == "break"]
     assert [(b["step"], b["data"]["kind"], b["data"]["ranks"]) for b in breaks] == [(2, "tie_broken", [1])]
-    assert log.count(f"{breaks[0]['message']}") == 1 and breaks[0]["message"].endswith("(rank 1)")
+    # Python logging, rank 0 only: once per broken run of this launch (trainer_broken and loop_broken), naming rank 1
+    assert log.count(breaks[0]["message"]) == 2 and breaks[0]["message"].endswith("(rank 1)")
     # The ranks' models differ (rank 1 has another head parameter): gathering would deadlock; both ranks refuse.
     assert r0["status"] == r1["status"] == "merge_failed" and not r0["merged"]
     (merge,) = [e for e in events if e["event"] == "merge"]
