@@ -148,6 +148,29 @@ def gathered(tensors: list[torch.Tensor]):
         yield
 
 
+@contextlib.contextmanager
+def zero3_integration_paused():
+    """Inside the block, transformers does not see an active DeepSpeed ZeRO-3 run: ``from_pretrained`` /
+    ``from_config`` build plain (unpartitioned) models and save / resize / tie do not gather (collectives). Used on
+    the main process alone for the end-of-run merge of an unsharded copy, while the other ranks wait.
+
+    Relies on transformers 5.x ``transformers.integrations.deepspeed``: ``is_deepspeed_zero3_enabled()`` reads the
+    module global ``_hf_deepspeed_config_weak_ref`` (set by the Trainer / accelerate from the DeepSpeed config); it is
+    set to ``None`` in the block and restored after. A no-op when no ZeRO-3 config is active.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # transformers without the integration module
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks of a float64 vector (one ``all_reduce``); the values themselves when alone."""
     if not is_distributed():
@@ -157,11 +180,20 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def gather_objects(obj) -> list:
+    """``obj`` (picklable) of every rank, in rank order: one ``all_gather_object``, every rank must call it;
+    ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    per_rank: list = [None] * world()[1]
+    dist.all_gather_object(per_rank, obj)
+    return per_rank
+
+
 def gather_findings(local: list[tuple[str, str, str]]) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """All ranks' findings ``(kind, group, message)``, deduplicated, each with the ranks that found it, in the order
     of the lowest such rank. One ``all_gather_object``; every rank must call it."""
-    per_rank: list = [None] * world()[1]
-    dist.all_gather_object(per_rank, local)
+    per_rank = gather_objects(local)
     merged: dict[tuple[str, str, str], list[int]] = {}
     for r, items in enumerate(per_rank):
         for item in items:
@@ -177,8 +209,7 @@ def check_same_on_all_ranks(signature, what: str) -> None:
     """
     if not is_distributed():
         return
-    per_rank: list = [None] * world()[1]
-    dist.all_gather_object(per_rank, signature)
+    per_rank = gather_objects(signature)
     if any(s != per_rank[0] for s in per_rank):
         detail = "; ".join(f"rank {r}: {s}" for r, s in enumerate(per_rank))
         raise TieGuardError(
@@ -207,26 +238,39 @@ def has_sharded_parameters(model: torch.nn.Module) -> bool:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) state dict on CPU, on the main process; ``{}`` elsewhere.
+    """The model's full (unsharded) state dict on CPU, on the main process; ``{}`` elsewhere. Its keys are those of
+    ``model.state_dict()``: parameters (tied names each under their own key) and persistent buffers; non-persistent
+    buffers (e.g. a rotary embedding's ``inv_freq``, which a model rebuilt from its config recomputes) are not in it,
+    as ``load_state_dict`` expects.
 
     FSDP2: ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with ``full_state_dict=True,
     cpu_offload=True`` (collective; gathers one parameter at a time, so peak memory is one full parameter on the
-    main process). ZeRO-3: each parameter gathered with ``GatheredParameters`` in turn. Every rank must call it.
-    """
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if any(is_zero3(p) for p in params.values()):
-        out = {}
-        for name, p in params.items():
-            with gathered([p]):
-                if is_main_process():
-                    out[name] = p.detach().cpu().clone()
-        if is_main_process():
-            out.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
-        return out
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    main process). ZeRO-3 (deepspeed ≥ 0.16): the entries of ``model.state_dict(keep_vars=True)`` (torch's own
+    choice of keys; partitioned parameters are still the ``ds_id`` objects there), each distinct partitioned
+    parameter gathered in turn with ``GatheredParameters``; buffers are never partitioned. Every rank must call it.
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if is_main_process() else {}
+    Raises:
+        TieGuardError: (ZeRO-3, on every rank) the ranks' models differ in their names or partitioned parameters,
+            e.g. a parameter replaced on one rank only; nothing is gathered then.
+    """
+    if not any(is_zero3(p) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if is_main_process() else {}
+    entries = model.state_dict(keep_vars=True)
+    # Gathering is collective: every rank must gather the same partitioned parameters in the same order.
+    check_same_on_all_ranks([(k, getattr(t, "ds_id", None)) for k, t in entries.items()],
+                            "ZeRO-3 partitioned parameters (state dict names and ds_id)")
+    main = is_main_process()
+    out, copies = {}, {}  # copies: one gathered tensor per parameter object, shared by its tied names
+    for name, t in entries.items():
+        if id(t) not in copies:
+            with gathered([t]):
+                copies[id(t)] = t.detach().cpu().clone() if main else None
+        if main:
+            out[name] = copies[id(t)]
+    return out
 
 
 def unsharded_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -235,7 +279,8 @@ def unsharded_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     declares them (``tie_weights()``), so tied names load into one parameter. The sharded model is only read.
 
     Raises:
-        TieGuardError: keys of the state dict do not match the rebuilt model (other than tied duplicates).
+        TieGuardError: keys of the state dict do not match the rebuilt model's ``state_dict()`` keys (parameters and
+            persistent buffers; a tied name missing is fine when its twin was loaded).
     """
     import copy
 
@@ -254,9 +299,9 @@ def unsharded_replica(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
             replica.add_adapter(name, copy.deepcopy(model.peft_config[name]))
         replica.set_adapter(model.active_adapter)
     result = replica.load_state_dict(state_dict, strict=False)
-    own = dict(replica.named_parameters(remove_duplicate=False))
+    own = replica.state_dict(keep_vars=True)  # parameters and persistent buffers, tied names each under its own key
     loaded = {id(own[k]) for k in state_dict if k in own}  # a tied name is loaded through its twin
-    missing = [k for k in result.missing_keys if k in own and id(own[k]) not in loaded]
+    missing = [k for k in result.missing_keys if id(own[k]) not in loaded]
     if missing or result.unexpected_keys:
         raise TieGuardError(
             f"the full state dict does not match the model rebuilt from its config (missing {missing[:3]}, "

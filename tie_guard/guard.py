@@ -16,7 +16,8 @@ from torch import nn
 
 from .atomic import write_json_atomic
 from .config import TieGuardConfig
-from .distributed import full_state_dict, has_sharded_parameters, is_distributed, is_main_process, unsharded_replica
+from .distributed import (full_state_dict, gather_objects, has_sharded_parameters, is_distributed, is_main_process,
+                          unsharded_replica, world, zero3_integration_paused)
 from .errors import TieBrokenError, TieGuardError
 from .events import EventLog
 from .merge import REPORT_NAME, safe_merge_and_unload
@@ -74,6 +75,7 @@ class TieGuard:
         self.should_stop = False
         self.resume_baseline: dict | None = None
         self.last_step = 0
+        self._rank_digests: dict[str, list] = {}
         self._wandb = None
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class TieGuard:
         self.events = EventLog(jsonl, self._wandb if main else None, log=main)
         self.watcher = TieWatcher(model, self.events)
         groups = self.watcher.capture(step)
+        self._gather_digests()
         self.status, self.last_step = "ok", step
         if self.resume_baseline:
             self._compare_with(self.resume_baseline, "the checkpoint")
@@ -144,7 +147,9 @@ class TieGuard:
         watcher = self._require_watcher()
         step = self.last_step if step is None else step
         last = watcher.last_result
-        reuse = last is not None and last.step == step and last.divergence
+        # Decided alike on every rank (a check is collective): findings are combined over ranks, divergence values are
+        # not when one rank could not compute its share (e.g. a tie broken there under ZeRO-3).
+        reuse = last is not None and last.step == step and bool(last.divergence or last.findings)
         res = last if reuse else watcher.check(step)
         self._handle(res, final=True)
         summary = {"status": self.status, "breaks": watcher.n_findings, "groups": len(watcher.groups)}
@@ -163,8 +168,14 @@ class TieGuard:
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Settings and captured baseline, JSON-serialisable (what a checkpoint carries)."""
-        baseline = self.watcher.baseline() if self.watcher is not None else self.resume_baseline
+        """Settings and captured baseline, JSON-serialisable (what a checkpoint carries). Each group's entry also
+        holds ``rank_digests``: every rank's fingerprint digest of the frozen shared weight, since a sharded weight
+        (ZeRO-3 partition, FSDP2 shard) is fingerprinted on the rank's own part. Not collective (the Trainer calls it
+        on the main process only)."""
+        baseline = self.resume_baseline
+        if self.watcher is not None:
+            baseline = {label: {**entry, "rank_digests": self._rank_digests.get(label)}
+                        for label, entry in self.watcher.baseline().items()}
         return {"args": dataclasses.asdict(self.config), "attributes": {"resume_baseline": baseline}}
 
     def save_to(self, checkpoint_dir: str | Path) -> None:
@@ -199,8 +210,22 @@ class TieGuard:
             raise RuntimeError("TieGuard.start(model) must be called before checks or finish()")
         return self.watcher
 
+    def _gather_digests(self) -> None:
+        """Every rank's frozen-weight digests (collective in combined runs), for :meth:`state_dict`."""
+        local = {label: entry["digest"] for label, entry in self.watcher.baseline().items()}
+        per_rank = gather_objects(local) if self.watcher.combine else [local]
+        self._rank_digests = {label: [r.get(label) for r in per_rank] for label in local}
+
     def _compare_with(self, baseline: dict, source: str) -> list:
-        findings = self.watcher.compare_baseline(baseline)
+        rank, n = world()
+
+        def own(entry: dict) -> dict:  # this rank's digest; none to compare when shards differ in number
+            digests = entry.get("rank_digests")
+            if not digests or len(set(digests)) == 1:
+                return entry
+            return {**entry, "digest": digests[rank] if len(digests) == n else None}
+
+        findings = self.watcher.compare_baseline({label: own(entry) for label, entry in baseline.items()})
         if self.watcher.combine:
             findings, _ = combine_over_ranks(findings, [])
         emit_findings(self.events, self.last_step, findings)
@@ -214,38 +239,47 @@ class TieGuard:
         if res.ok:
             return
         self.status = "broken"
+        if any(f.kind == "frozen_modified" for f in res.findings):  # combined findings: alike on every rank
+            self._gather_digests()  # the watcher re-fingerprinted the modified weight
         if self.config.on_break == "raise" and not final:
             raise TieBrokenError("; ".join(f.message for f in res.findings))
         if self.config.on_break == "stop":
             self.should_stop = True
 
     def _merge(self, model: PeftModel, step: int, tokenizer) -> dict:
-        sharded = has_sharded_parameters(model)
-        source = model
-        if sharded:
-            state = full_state_dict(model)  # collective: every rank takes part
-            source = unsharded_replica(model, state) if self.main_process else None
+        try:
+            state = full_state_dict(model) if has_sharded_parameters(model) else None  # collective: every rank
+        except TieGuardError as exc:  # raised on every rank alike: all ranks skip the merge together
+            return self._merge_failed(step, exc)
         out = {}
         if self.main_process:
-            out = self._merge_on_main(source, step, tokenizer, inplace=sharded)
+            out = self._merge_on_main(model, state, step, tokenizer)
         if is_distributed():
-            dist.barrier()  # ranks leave together, after the main process has saved and verified
+            dist.barrier()  # ranks leave together, after the main process has saved and verified (or failed)
         return out
 
-    def _merge_on_main(self, model: PeftModel, step: int, tokenizer, inplace: bool) -> dict:
+    def _merge_failed(self, step: int, exc: TieGuardError) -> dict:
+        self.status = "merge_failed"
+        report = getattr(exc, "report", None)
+        self.events.emit("merge", step, "error", f"merge failed: {exc}", metrics={"merge/verified": 0},
+                         data={"report": report.to_dict() if report is not None else None})
+        return {"merge/verified": False}
+
+    def _merge_on_main(self, model: PeftModel, state: dict | None, step: int, tokenizer) -> dict:
+        """Merge ``model`` (or, with the gathered ``state`` of a sharded model, its unsharded replica, merged in
+        place). A ``TieGuardError`` (building the replica included) is logged as ``merge_failed``, not raised, so the
+        other ranks' barrier is still met."""
         out = self.output_dir / self.config.merged_dir
         try:
-            merged, report = safe_merge_and_unload(
-                model, self.config.tie_policy, output_dir=out, tokenizer=tokenizer, overwrite=True,
-                probe_shape=(self.config.probe_batch_size, self.config.probe_seq_len),
-                verify_reload=self.config.verify_reload, inplace=inplace,
-            )
+            with zero3_integration_paused():  # the copy, the merge and the reload are plain models on this rank
+                source = model if state is None else unsharded_replica(model, state)
+                merged, report = safe_merge_and_unload(
+                    source, self.config.tie_policy, output_dir=out, tokenizer=tokenizer, overwrite=True,
+                    probe_shape=(self.config.probe_batch_size, self.config.probe_seq_len),
+                    verify_reload=self.config.verify_reload, inplace=state is not None,
+                )
         except TieGuardError as exc:
-            self.status = "merge_failed"
-            report = getattr(exc, "report", None)
-            self.events.emit("merge", step, "error", f"merge failed: {exc}", metrics={"merge/verified": 0},
-                             data={"report": report.to_dict() if report is not None else None})
-            return {"merge/verified": False}
+            return self._merge_failed(step, exc)
         self.merge_report, self.merged_model = report, merged
         write_json_atomic(self.output_dir / REPORT_NAME, report.to_dict())
         metrics = {
