@@ -16,11 +16,39 @@ from rich.markup import escape
 EXIT_OK, EXIT_UNSOUND, EXIT_USAGE = 0, 1, 2
 
 
+class _Results:
+    """Where a command's results go: the process's real standard output, while every library's own output
+    (deepspeed's accelerator detection logs to stdout at import, transformers' load reports...) is sent to standard
+    error for the duration of the command, at the file-descriptor level, so ``--json`` output parses."""
+
+    stream = sys.stdout
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        _Results.stream = os.fdopen(os.dup(self._saved), "w")
+        return self
+
+    def __exit__(self, *exc):
+        _Results.stream.flush()
+        _Results.stream.close()
+        _Results.stream = sys.stdout
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+
+
+def _out(text: str) -> None:
+    """Print one result line (see :class:`_Results`)."""
+    print(text, file=_Results.stream, flush=True)
+
+
 def _console():
     from rich.console import Console
 
     # Wide enough for the groups table when piped (rich falls back to 80 columns without a terminal).
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    return Console(file=_Results.stream, highlight=False, width=None if _Results.stream.isatty() else 160)
 
 
 def _groups_table(groups, divergence: dict, title: str):
@@ -55,7 +83,7 @@ def cmd_inspect(args) -> int:
     plain = plain_merge_changes_input_embeddings(groups)
     warnings = [(e.level, e.message) for e in events.events if e.event == "setup_warning"]
     if args.json:
-        print(json.dumps({"groups": [r for g in groups for r in g.as_rows()], "divergence": res.divergence,
+        _out(json.dumps({"groups": [r for g in groups for r in g.as_rows()], "divergence": res.divergence,
                           "config_flags": groups[0].config_flags if groups else {},
                           "plain_merge_changes_input_embeddings": plain,
                           "warnings": [{"level": lv, "message": m} for lv, m in warnings]}, indent=2))
@@ -113,7 +141,7 @@ def cmd_merge(args) -> int:
                "reload_max_abs_logit_diff": report.reload_max_abs_logit_diff,
                "input_embeddings_bit_identical": report.input_embeddings_bit_identical, "actions": report.actions,
                "warnings": report.warnings}
-    print(json.dumps(summary, indent=2))
+    _out(json.dumps(summary, indent=2))
     return EXIT_OK
 
 
@@ -131,7 +159,7 @@ def cmd_verify(args) -> int:
     rep = audit_checkpoint(args.merged, merged, base, tok or base_tok or load_tokenizer(args.adapter),
                            adapter_model, args.adapter)
     if args.json:
-        print(json.dumps(rep.to_dict(), indent=2))
+        _out(json.dumps(rep.to_dict(), indent=2))
     else:
         con = _console()
         con.print(f"[bold]{'SOUND' if rep.sound else 'UNSOUND'}[/]: {args.merged}")
@@ -154,7 +182,7 @@ def cmd_report(args) -> int:
     from .run_report import render_report
 
     path = render_report(args.run_dir, args.out)
-    print(path)
+    _out(str(path))
     return EXIT_OK
 
 
@@ -207,7 +235,8 @@ def main(argv=None) -> int:
     from .errors import TieGuardError
 
     try:
-        return args.func(args)
+        with _Results():
+            return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

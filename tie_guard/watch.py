@@ -342,7 +342,16 @@ class TieWatcher:
                         "learning rate or enable gradient clipping, and resume from the last good checkpoint.",
                     ))
         if self.combine:
-            res.findings, shares = combine_over_ranks(res.findings, shares)
+            res.findings, combined = combine_over_ranks(res.findings, shares)
+            for (g, _, _), local, total in zip(self._pairs, shares, combined):
+                if divergence and local is not None and total is None and g.label not in self._no_divergence:
+                    # Another rank could not compute it: every rank stops gathering for it, together.
+                    self._no_divergence.add(g.label)
+                    self.events.emit("setup_warning", step, "warning",
+                                     f"divergence of {g.label} is no longer computed: another rank could not "
+                                     "compute it (see that rank's warning); ties, frozen shared weights and NaN/Inf "
+                                     "are still checked every check.")
+            shares = combined
         for (g, _, _), share in zip(self._pairs, shares):
             if share is not None:
                 d = math.sqrt(max(share, 0.0)) if math.isfinite(share) else float("nan")
@@ -371,9 +380,12 @@ def combine_over_ranks(findings: list[Finding], shares: list[float | None]) -> t
     """Add up this rank's findings and divergence shares (``None``: not computed) over ranks: one ``all_reduce``; the
     findings' messages are gathered only when some rank found something (see :mod:`tie_guard.distributed`).
     Collective: every rank calls it with the same number of shares. Returns the findings of all ranks (each once,
-    with its ``ranks``) and the summed shares."""
-    vec = all_reduce_sum([float(len(findings))] + [0.0 if s is None else s for s in shares])
-    total = [None if s is None else v for s, v in zip(shares, vec[1:])]
+    with its ``ranks``) and the summed shares; a share is ``None`` on every rank when any rank did not compute it
+    (a partial sum would be a wrong value, and ranks must agree on what they gather next)."""
+    n = len(shares)
+    vec = all_reduce_sum([float(len(findings))] + [0.0 if s is None else s for s in shares]
+                         + [1.0 if s is None else 0.0 for s in shares])
+    total = [None if missing > 0 else v for v, missing in zip(vec[1:1 + n], vec[1 + n:])]
     if vec[0] == 0:
         return [], total
     merged = gather_findings([(f.kind, f.group, f.message) for f in findings])
