@@ -511,6 +511,15 @@ def _reload_and_check(auto_cls, d, merged, merged_logits, probe, expected_from_m
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread is faster than two on a shared machine (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _params(cases):
     out = []
     for c in cases:
