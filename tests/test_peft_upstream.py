@@ -43,7 +43,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from tie_guard import TiedMergeError, UnsupportedAdapterError, safe_merge_and_unload
+from tie_guard import TiedMergeError, UnsupportedAdapterError, find_tied_groups, safe_merge_and_unload
 from tie_guard.probe import make_probe_ids, probe_logits
 
 FP32_TOL = 1e-4  # max |Δlogit| merged vs adapter model (fp32)
@@ -483,9 +483,11 @@ def _check_weights(model, expected: dict, where: str) -> None:
     assert not bad, f"{where}: {bad} differ from the values computed by hand"
 
 
-def _check_tie_structure(model, expected: dict, members: list[str], where: str, equal_must_share: bool) -> None:
+def _check_tie_structure(model, expected: dict, members: list[str], where: str, equal_must_share: bool,
+                         copies: frozenset = frozenset()) -> None:
     """Members with different expected values never share storage; with ``equal_must_share`` members with equal
-    values are one Parameter (upstream: 'merging and unloading restores the weight-tying')."""
+    values are one Parameter (upstream: 'merging and unloading restores the weight-tying') unless tie_guard made one
+    of them an equal copy because the saved config cannot re-tie it (``copies``: ``MergeReport.saved_copies``)."""
     members = [n for n in members if n in expected]
     for i, a in enumerate(members):
         for b in members[i + 1:]:
@@ -493,7 +495,7 @@ def _check_tie_structure(model, expected: dict, members: list[str], where: str, 
             same_value = torch.equal(expected[a][0], expected[b][0])
             if not same_value:
                 assert not _shares(pa, pb), f"{where}: {a} and {b} hold different values but share storage"
-            elif equal_must_share:
+            elif equal_must_share and not {a, b} & copies:
                 assert pa is pb, f"{where}: {a} and {b} hold equal values but are no longer tied"
 
 
@@ -564,7 +566,8 @@ def test_upstream_setup_merges_exactly(case: Case, policy: str, tmp_path):
         diff = (merged_logits - adapter_logits).abs().max().item()
         assert diff <= FP32_TOL, f"merged logits differ from the adapter model's by {diff:.3g}"
         _check_weights(merged, expected, "merged")
-        _check_tie_structure(merged, expected, members, "merged", equal_must_share=True)
+        copies = frozenset(n for c in report.saved_copies for n in c["names"])
+        _check_tie_structure(merged, expected, members, "merged", equal_must_share=True, copies=copies)
     else:
         # one shared matrix holding the adapted side's merged value; every other expectation unchanged
         want = expected[case.keep_tied]
@@ -580,6 +583,8 @@ def test_upstream_setup_merges_exactly(case: Case, policy: str, tmp_path):
     for d, where in ((tmp_path / "tg", "tie_guard output_dir"), (user_dir, "user save_pretrained")):
         reloaded = _reload_and_check(auto_cls, d, merged, merged_logits, probe, on_merged, where)
         _check_tie_structure(reloaded, on_merged, members, where, equal_must_share=False)
+        shared = sorted(sorted(g.names) for g in find_tied_groups(reloaded) if g.physical)
+        assert shared == sorted(report.shared_after_reload), f"{where}: reload shares {shared}"
 
 
 def test_bert_tied_decoder_bias_survives_merge_and_reload(tmp_path):

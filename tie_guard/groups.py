@@ -23,8 +23,9 @@ class TieMember:
         name: canonical name in the base model's state dict, e.g. ``"lm_head.weight"``.
         role: ``"input_embedding"`` (an ``nn.Embedding`` weight or the model's input embeddings),
             ``"output_embedding"`` (the model's output embeddings, usually ``lm_head``) or ``"other"``.
-        touched_by: adapter parts that change what this module computes, e.g. ``("lora[default]",)``;
-            empty when nothing does.
+        touched_by: adapter parts that change what this module computes with the active adapters, e.g.
+            ``("lora[default]",)``; empty when nothing does (a wrapper holding only inactive adapters counts as
+            nothing).
         requires_grad: whether the base parameter itself is trained.
         dtype: e.g. ``"torch.float32"``.
         shape: e.g. ``(49152, 576)`` (vocab × hidden for embeddings).
@@ -272,7 +273,7 @@ def find_tied_groups(model: nn.Module) -> list[TieGroup]:
                 TieMember(
                     name=n,
                     role=roles[n],
-                    touched_by=tuple(p.describe() for p in bp.parts),
+                    touched_by=tuple(p.describe() for p in bp.parts if p.adapter_names),
                     requires_grad=bool(bp.param.requires_grad),
                     dtype=str(bp.param.dtype),
                     # ZeRO-3 empties param.data and keeps the real shape in ds_shape (DTensor.shape is global)

@@ -18,7 +18,7 @@ from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterEr
 from .groups import TieGroup, UnionFind, find_tied_groups, physical_components
 from .init_rewrites import resolve_init_rewrites
 from .peft_defects import layout_defects
-from .peft_layout import BaseParameter, PeftModel, iter_base_parameters
+from .peft_layout import BaseParameter, PeftModel, is_peft_wrapper, iter_base_parameters
 from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
 from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags, ties_on_reload
 
@@ -533,35 +533,36 @@ def safe_merge_and_unload(
     phase = progress or (lambda name: None)
     phase("merge")
     t0 = time.perf_counter()
-    dtype = model_dtype(peft_model)
-    groups = find_tied_groups(peft_model)
-    report = MergeReport(
-        tie_policy=tie_policy,
-        adapter_names=names,
-        dtype=str(dtype),
-        groups_before=[row for g in groups for row in g.as_rows()],
-        plain_merge_changes_input_embeddings=plain_merge_changes_input_embeddings(groups),
-    )
-    _refuse_quantized(peft_model)
-    touched = [g for g in groups if g.physical and g.touched]
-    for g in touched:
-        for mem in g.members:
-            odd = [t for t in mem.touched_by if t.split("[")[0] not in EXACT_ON_TIED]
-            if odd:
-                raise UnsupportedAdapterError(
-                    f"{mem.name} is tied ({', '.join(g.names)}) and adapted by {', '.join(odd)}: tie_guard merges "
-                    f"tied weights exactly only for {', '.join(sorted(EXACT_ON_TIED))}. Fix: retrain with LoRA on "
-                    "this module (or leave it out of the adapter), or keep the adapter unmerged."
-                )
-    if tie_policy == "error" and touched:
-        raise TiedMergeError(
-            "tie_policy='error': the adapter touches tied weights: "
-            + "; ".join(f"{m.name} ({', '.join(m.touched_by)})" for g in touched for m in g.members if m.touched_by)
-            + f" (tied with {', '.join(n for g in touched for n in g.names)}). A plain merge would write into the "
-            "shared matrix. Fix: use tie_policy='untie' (preserves input embeddings) or 'keep_tied'."
-        )
-
+    # The groups and everything read from the model see the adapters being merged, not the active ones.
     with _active_adapters(peft_model, names):
+        dtype = model_dtype(peft_model)
+        groups = find_tied_groups(peft_model)
+        report = MergeReport(
+            tie_policy=tie_policy,
+            adapter_names=names,
+            dtype=str(dtype),
+            groups_before=[row for g in groups for row in g.as_rows()],
+            plain_merge_changes_input_embeddings=plain_merge_changes_input_embeddings(groups),
+        )
+        _refuse_quantized(peft_model)
+        touched = [g for g in groups if g.physical and g.touched]
+        for g in touched:
+            for mem in g.members:
+                odd = [t for t in mem.touched_by if t.split("[")[0] not in EXACT_ON_TIED]
+                if odd:
+                    raise UnsupportedAdapterError(
+                        f"{mem.name} is tied ({', '.join(g.names)}) and adapted by {', '.join(odd)}: tie_guard merges "
+                        f"tied weights exactly only for {', '.join(sorted(EXACT_ON_TIED))}. Fix: retrain with LoRA on "
+                        "this module (or leave it out of the adapter), or keep the adapter unmerged."
+                    )
+        if tie_policy == "error" and touched:
+            raise TiedMergeError(
+                "tie_policy='error': the adapter touches tied weights: "
+                + "; ".join(f"{m.name} ({', '.join(m.touched_by)})" for g in touched for m in g.members if m.touched_by)
+                + f" (tied with {', '.join(n for g in touched for n in g.names)}). A plain merge would write into the "
+                "shared matrix. Fix: use tie_policy='untie' (preserves input embeddings) or 'keep_tied'."
+            )
+
         base_params = list(iter_base_parameters(peft_model))
         _refuse_meta(base_params)
         _refuse_merged_state(base_params)
@@ -678,24 +679,35 @@ def _configs_with_vocab(config: PretrainedConfig):
 
 
 class _active_adapters:
-    """Temporarily make ``names`` the active adapters (PEFT's ``set_adapter`` semantics) and restore after."""
+    """Temporarily make ``names`` the active adapters (PEFT's ``set_adapter``), then restore exactly what was
+    there: the tuner's ``active_adapter``, every PEFT layer's own ``_active_adapter`` (after ``delete_adapter`` they
+    can differ from the model's) and every parameter's ``requires_grad`` (``set_adapter`` marks the newly active
+    adapters trainable). Checked with peft 0.21."""
 
     def __init__(self, peft_model: PeftModel, names: list[str]):
         self.model, self.names = peft_model, names
 
     def __enter__(self):
-        self.before = list(self.model.active_adapters)
-        if self.before != self.names:
-            self._set(self.names)
+        self.switch = list(self.model.active_adapters) != self.names
+        if not self.switch:
+            return
+        tuner = self.model.base_model
+        self.saved_tuner = copy.copy(tuner.__dict__.get("active_adapter"))
+        self.saved_layers = [(m, copy.copy(m.__dict__["_active_adapter"])) for m in tuner.modules()
+                             if is_peft_wrapper(m) and "_active_adapter" in m.__dict__]
+        self.saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        # PeftModel.set_adapter takes one name; the tuner's set_adapter accepts a list.
+        tuner.set_adapter(self.names if len(self.names) > 1 else self.names[0])
 
     def __exit__(self, *exc):
-        if self.before != self.names:
-            self._set(self.before)
-
-    def _set(self, names):
-        # PeftModel.set_adapter takes one name; the tuner's set_adapter accepts a list.
-        self.model.base_model.set_adapter(names if len(names) > 1 else names[0])
-        # set_adapter marks the newly active adapters trainable; PEFT's own behaviour, left as is.
+        if not self.switch:
+            return
+        if self.saved_tuner is not None:
+            self.model.base_model.active_adapter = self.saved_tuner
+        for m, active in self.saved_layers:
+            m._active_adapter = active
+        for p, flag in self.saved_grad:
+            p.requires_grad_(flag)
 
 
 def _failure_message(report: MergeReport) -> str:
