@@ -14,6 +14,7 @@ import sys
 from rich.markup import escape
 
 EXIT_OK, EXIT_UNSOUND, EXIT_USAGE = 0, 1, 2
+EXIT_CODES = "exit codes: 0 sound / done, 1 unsound / refused / failed verification, 2 usage error (bad input)"
 
 
 class _Results:
@@ -150,7 +151,7 @@ def cmd_verify(args) -> int:
     from .loading import load_adapter, load_model, load_tokenizer, parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    merged, tok = load_model(args.merged, dtype)
+    merged, tok = load_model(args.merged, dtype, local_only=True)
     base, base_tok = load_model(args.base, dtype)
     adapter_model = None
     if args.adapter:
@@ -187,28 +188,39 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tie-guard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tie-guard", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     dtype_help = "float32 | bfloat16 | float16 | auto (default: float32)"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--online", action="store_true",
+                        help="allow hub ids to be downloaded (default: offline; only packaged names and local paths)")
 
-    s = sub.add_parser("inspect", help="tie groups of a model (and what an adapter touches)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # every subcommand: --online, exit codes in --help
+        return sub.add_parser(name, help=help, parents=[common], epilog=EXIT_CODES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    s = command("inspect", "tie groups of a model (and what an adapter touches)")
     s.add_argument("model", help="checkpoint dir, .gguf file, packaged model name or hub id")
     s.add_argument("--adapter", help="PEFT adapter directory")
     s.add_argument("--dtype", default="float32", help=dtype_help)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("merge", help="verified merge of ADAPTER into BASE, written atomically to OUT")
+    s = command("merge", "verified merge of ADAPTER into BASE, written atomically to OUT")
     s.add_argument("base", metavar="BASE", help="checkpoint dir, .gguf file, packaged model name or hub id")
     s.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory")
     s.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")
-    s.add_argument("--tie-policy", default="untie", choices=["untie", "keep_tied", "error"])
+    s.add_argument("--tie-policy", default="untie", choices=["untie", "keep_tied", "error"],
+                   help="tied groups the adapter changes on one side: 'untie' (default: exact; the input embeddings "
+                        "stay bit-identical and the saved config will not re-tie), 'keep_tied' (one matrix holding "
+                        "the adapted side's value: logits shift), 'error' (refuse)")
     s.add_argument("--dtype", default="float32", help=dtype_help)
     s.add_argument("--force", action="store_true", help="replace an existing OUT (after verification)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("verify", help="audit a merged checkpoint made by any tool")
+    s = command("verify", "audit a merged checkpoint made by any tool")
     s.add_argument("merged", metavar="MERGED", help="merged checkpoint directory")
     s.add_argument("--base", required=True, help="the base it was merged from")
     s.add_argument("--adapter", help="the adapter it was merged from (enables the logit check)")
@@ -216,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output (for CI gates)")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("report", help="PNG report of a run from its tie_guard_events.jsonl")
+    s = command("report", "PNG report of a run from its tie_guard_events.jsonl")
     s.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
     s.add_argument("--out", help="PNG path (default RUN_DIR/tie_guard_report.png)")
     s.set_defaults(func=cmd_report)
@@ -224,15 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help (before any heavy import)
         return int(exc.code or 0)
+    if not args.online:
+        # Names are never looked up on a hub unless asked: an unknown name fails at once instead of retrying a
+        # connection for a minute. huggingface_hub reads this when first imported, which happens below.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from .loading import check_source
+
+    try:  # bad model arguments are usage errors found before anything heavy is imported
+        for source, local_only in ((getattr(args, "model", None), False), (getattr(args, "base", None), False),
+                                   (getattr(args, "merged", None), True)):
+            if source is not None:
+                check_source(source, local_only)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from transformers.utils import logging as hf_logging
+
     from .errors import TieGuardError
+
+    hf_logging.disable_progress_bar()
 
     try:
         with _Results():

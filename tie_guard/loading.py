@@ -3,45 +3,91 @@ optional PEFT adapter directory. Everything is opened read-only; nothing is writ
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_dtype(name: str | None):
+    """``torch.float32`` etc. for ``"float32"``..., ``None`` for ``"auto"`` / ``None``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     if name in (None, "auto"):
         return None
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
-def load_model(source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """``(model, tokenizer_or_None)`` from a packaged model name, a checkpoint directory, a ``.gguf`` file or a
-    hub id (hub ids need network access, which this library never assumes).
+def check_source(source: str, local_only: bool = False) -> None:
+    """Fail fast, before anything heavy is imported or loaded, on a model argument that cannot be loaded here: a
+    missing path or GGUF file, a file that is not a checkpoint directory, or (offline, ``HF_HUB_OFFLINE=1``) a name
+    that is neither a packaged model nor in the local hub cache. With ``local_only`` only a checkpoint directory
+    passes.
 
     Raises:
-        FileNotFoundError: a path that does not exist, a file that is not a checkpoint directory, or a name that is
-            neither a packaged model nor reachable on the hub (each message lists the accepted forms).
+        FileNotFoundError: naming the accepted forms and the closest packaged name.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .packaged import PACKAGED_MODELS, load_gguf, resolve_model_path
+    from .packaged import PACKAGED_MODELS
 
     forms = ("Fix: pass a checkpoint directory (with config.json), a .gguf file, a packaged model name "
-             f"({', '.join(sorted(PACKAGED_MODELS))}) or a hub id (needs network access).")
-    if source.endswith(".gguf"):
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"GGUF file {source} not found. {forms}")
-        return load_gguf(source, dtype or torch.float32)
+             f"({', '.join(sorted(PACKAGED_MODELS))}) or a hub id (with --online; needs network access).")
+    if local_only:
+        forms = "Fix: pass the merged checkpoint directory (with config.json); it is never looked up by name."
+    close = difflib.get_close_matches(source, PACKAGED_MODELS, n=1, cutoff=0.6)
+    if close and source not in PACKAGED_MODELS and not local_only:
+        forms = f"Did you mean {close[0]!r}? " + forms
     local = Path(source).expanduser()
-    if source not in PACKAGED_MODELS and (source.startswith((".", "/", "~")) or local.exists()):
+    if source.endswith(".gguf") and not local_only:
+        if not local.is_file():
+            raise FileNotFoundError(f"GGUF file {source} not found. {forms}")
+        return
+    if local_only or (source not in PACKAGED_MODELS and (source.startswith((".", "/", "~")) or source.endswith(("/", os.sep))
+                                                    or local.exists())):
         if not local.exists():
             raise FileNotFoundError(f"{source} does not exist. {forms}")
         if not local.is_dir() or not (local / "config.json").is_file():
             raise FileNotFoundError(f"{source} is not a model checkpoint directory (no config.json). {forms}")
+        return
+    if source in PACKAGED_MODELS or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except ValueError:  # not even a valid repo id
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(f"{source!r} is not a packaged model, a local path, or a hub id in the local cache "
+                                f"(offline). {forms}")
+
+
+def load_model(source: str, dtype=None, trust_remote_code: bool = False, local_only: bool = False):
+    """``(model, tokenizer_or_None)`` from a packaged model name, a checkpoint directory, a ``.gguf`` file or a
+    hub id (hub ids need network access, which this library never assumes; the CLI sets ``HF_HUB_OFFLINE=1``
+    unless given ``--online``, so an unknown name fails at once: :func:`check_source`). With ``local_only`` only a
+    checkpoint directory is accepted (a merged checkpoint is never looked up by name).
+
+    Args:
+        dtype: a ``torch.dtype`` or ``None`` (the checkpoint's own).
+    Raises:
+        FileNotFoundError: see :func:`check_source`; also a hub id that cannot be fetched.
+    """
+    check_source(source, local_only)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .packaged import load_gguf, resolve_model_path
+
+    if source.endswith(".gguf"):
+        return load_gguf(source, dtype or torch.float32)
+    local = Path(source).expanduser()
     path = resolve_model_path(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
@@ -49,7 +95,7 @@ def load_model(source: str, dtype: torch.dtype | None = None, trust_remote_code:
         if path != source or local.exists():
             raise
         raise FileNotFoundError(f"{source!r} is not a packaged model, a local path, or a hub id reachable from here "
-                                f"({type(exc).__name__}). {forms}") from exc
+                                f"({type(exc).__name__}: {exc}).") from exc
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):

@@ -21,7 +21,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 
 from .atomic import atomic_directory
@@ -70,13 +69,16 @@ def gguf_path(name: str) -> Path:
     return Path(pkg.assemble())
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_gguf(path: str | os.PathLike, dtype=None):
     """Load a GGUF checkpoint as a plain (saveable) transformers causal LM plus its tokenizer.
 
     Returns:
-        ``(model, tokenizer)``; the model is in ``dtype`` with its ties restored.
+        ``(model, tokenizer)``; the model is in ``dtype`` (default ``torch.float32``) with its ties restored.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
 
     path = Path(path)
     kw = dict(gguf_file=path.name)
