@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from .groups import find_tied_groups
-from .init_rewrites import classify_rewrite, find_init_rewrites
+from .init_rewrites import classify_rewrite, find_init_rewrites, numerical_rank
 from .probe import logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
 from .tie_config import tie_flags
 
@@ -76,22 +76,21 @@ def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_mode
         merged / base: the loaded models (not modified).
         tokenizer: used to name changed tokens.
         adapter_model: the base wrapped with the adapter (a ``PeftModel``), or ``None``.
+    Raises:
+        ValueError: ``base`` cannot be where ``merged`` comes from (:func:`check_same_architecture`).
     """
     rep = AuditReport(merged=str(merged_dir), base=str(getattr(base, "name_or_path", "")), adapter=adapter_dir)
+    check_same_architecture(merged, base)
     e_m = merged.get_input_embeddings().weight.detach()
     e_b = base.get_input_embeddings().weight.detach()
-    if e_m.shape != e_b.shape:
-        rep.problems.append(f"input embedding shape {tuple(e_m.shape)} differs from the base's {tuple(e_b.shape)} "
-                            "(resized vocabulary?). Fix: verify against the resized base the adapter was trained on.")
-    else:
-        diff = (e_m.float() - e_b.float()).abs().amax(dim=1)
-        rep.input_embedding_rows_changed = int((diff > 0).sum())
-        rep.input_embedding_max_abs_change = float(diff.max()) if diff.numel() else 0.0
-        top = torch.argsort(diff, descending=True)[: min(10, rep.input_embedding_rows_changed)]
-        rep.changed_tokens = [
-            {"id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else None,
-             "max_abs_change": float(diff[i])} for i in top
-        ]
+    diff = (e_m.float() - e_b.float()).abs().amax(dim=1)
+    rep.input_embedding_rows_changed = int((diff > 0).sum())
+    rep.input_embedding_max_abs_change = float(diff.max()) if diff.numel() else 0.0
+    top = torch.argsort(diff, descending=True)[: min(10, rep.input_embedding_rows_changed)]
+    rep.changed_tokens = [
+        {"id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else None,
+         "max_abs_change": float(diff[i])} for i in top
+    ]
     rewrites = []
     if adapter_model is not None:
         groups = find_tied_groups(adapter_model)
@@ -108,13 +107,18 @@ def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_mode
             "original_base=<the base loaded again>) to restore it, or retrain with the head untied before "
             "get_peft_model (or a plain init).")
     elif rep.input_embedding_rows_changed and not rep.adapter_trains_input_embedding:
-        rep.problems.append(
-            f"input embeddings changed in {rep.input_embedding_rows_changed} of {e_b.shape[0]} rows (max |Δ| "
-            f"{rep.input_embedding_max_abs_change:.3g})"
-            + (" although the adapter does not train them" if adapter_model is not None else "")
-            + ": a plain merge wrote an output-embedding delta into a tied matrix. Fix: re-merge from the adapter "
-            "with `tie-guard merge` (tie_policy untie)."
-        )
+        changed = (f"input embeddings changed in {rep.input_embedding_rows_changed} of {e_b.shape[0]} rows (max |Δ| "
+                   f"{rep.input_embedding_max_abs_change:.3g})"
+                   + (" although the adapter does not train them" if adapter_model is not None else ""))
+        evidence = _plain_merge_evidence(e_b, e_m, adapter_model)
+        if evidence:
+            rep.problems.append(f"{changed}: a plain merge wrote an output-embedding delta into a tied matrix "
+                                f"({evidence}). Fix: re-merge from the adapter with `tie-guard merge` (tie_policy "
+                                "untie).")
+        else:
+            rep.problems.append(f"{changed}, by a change that is no low-rank adapter delta: the merged checkpoint does "
+                                "not come from this base" + (" + adapter" if adapter_model is not None else "")
+                                + ". Fix: verify against the base it was merged from.")
 
     cfg = json.loads((Path(merged_dir) / "config.json").read_text())
     rep.tie_flags = tie_flags(merged.config)
@@ -156,6 +160,44 @@ def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_mode
                                 f"(tolerance {rep.logit_tolerance:.3g}): the checkpoint is not the trained model. "
                                 "Fix: re-merge with `tie-guard merge`.")
     return rep
+
+
+def check_same_architecture(merged, base) -> None:
+    """Raise ``ValueError`` (a usage error: exit 2 in the CLI) naming both sides when ``base`` cannot be the model
+    ``merged`` was merged from: another model class, or a parameter of another shape (the input embedding first).
+    """
+    e_m, e_b = merged.get_input_embeddings().weight, base.get_input_embeddings().weight
+    if type(merged).__name__ != type(base).__name__ or e_m.shape != e_b.shape:
+        raise ValueError(
+            f"the base ({type(base).__name__}, input embedding {tuple(e_b.shape)}) does not match the merged checkpoint "
+            f"({type(merged).__name__}, input embedding {tuple(e_m.shape)}). Fix: pass the base it was merged from "
+            "(after resize_token_embeddings if the adapter was trained with added tokens).")
+    b_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    for n, p in merged.named_parameters():
+        if n in b_shapes and b_shapes[n] != tuple(p.shape):
+            raise ValueError(f"{n} is {tuple(p.shape)} in the merged checkpoint but {b_shapes[n]} in the base. Fix: "
+                             "pass the base it was merged from.")
+
+
+def _plain_merge_evidence(e_b: torch.Tensor, e_m: torch.Tensor, adapter_model=None) -> str | None:
+    """Why the change ``e_m − e_b`` (vocab × hidden) looks like PEFT's plain merge of a head delta, or ``None``:
+    with the adapter, the merged input embedding equals the base plus the adapter's output-embedding delta (within
+    fp32 rounding of the weights); without it, the change is low-rank (numerical rank ≤ 256 and below half the
+    hidden size), as a LoRA delta is, where other weights would differ at full rank."""
+    if adapter_model is not None:
+        from .effective import effective_weight
+        from .peft_layout import iter_base_parameters
+
+        out_mod = adapter_model.get_output_embeddings()
+        for bp in iter_base_parameters(adapter_model):
+            if bp.attr == "weight" and bp.parts and bp.parts[0].wrapper is out_mod:
+                head = effective_weight(bp.param, bp.parts).materialize().float()
+                if head.shape == e_m.shape and torch.allclose(e_m.float(), head, rtol=1e-5, atol=1e-6):
+                    return "it equals the base's head plus the adapter's head delta"
+    rank = numerical_rank(e_m.float() - e_b.float())
+    if rank <= min(256, e_b.shape[1] // 2):
+        return f"the change has rank {rank}, as a LoRA delta has"
+    return None
 
 
 def _param_name(model, module) -> str:

@@ -147,12 +147,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint_audit import audit_checkpoint
+    from .checkpoint_audit import audit_checkpoint, check_same_architecture
     from .loading import load_adapter, load_model, load_tokenizer, parse_dtype
 
     dtype = parse_dtype(args.dtype)
     merged, tok = load_model(args.merged, dtype, local_only=True)
     base, base_tok = load_model(args.base, dtype)
+    check_same_architecture(merged, base)  # before an adapter is put on a base it does not fit
     adapter_model = None
     if args.adapter:
         adapter_base, _ = load_model(args.base, dtype)

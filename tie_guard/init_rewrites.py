@@ -315,6 +315,13 @@ def _merge_warning(d: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def numerical_rank(d: torch.Tensor, rel_tol: float = 1e-3) -> int:
+    """Number of singular values of the 2-D ``d`` above ``rel_tol`` of the largest (0 for a zero matrix); one
+    ``svdvals`` in float32."""
+    sv = torch.linalg.svdvals(d.detach().float())
+    return int((sv > sv[0] * rel_tol).sum()) if sv.numel() and sv[0] > 0 else 0
+
+
 def classify_rewrite(original: torch.Tensor, rewritten: torch.Tensor, rel_tol: float = 1e-3) -> str | None:
     """Name the init whose base rewrite turns ``original`` into ``rewritten`` (both vocab × hidden), or ``None``.
 
@@ -335,8 +342,7 @@ def classify_rewrite(original: torch.Tensor, rewritten: torch.Tensor, rel_tol: f
     dn = torch.linalg.matrix_norm(d)
     if not torch.isfinite(dn) or dn == 0:
         return None
-    sv = torch.linalg.svdvals(d)
-    k = int((sv > sv[0] * rel_tol).sum())
+    k = numerical_rank(d, rel_tol)
     if k >= min(d.shape):
         return None
     tol = rel_tol ** 0.5

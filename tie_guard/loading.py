@@ -130,7 +130,10 @@ def load_adapter(model, adapter_dir: str):
                          "loaded). Fix: re-save the adapter with save_pretrained (safetensors).") from exc
     except RuntimeError as exc:
         if "size mismatch" in str(exc) or "shape" in str(exc):
-            raise ValueError(f"adapter {adapter_dir} does not match this base model: {str(exc)[:600]}. Fix: use the "
+            mismatches = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+            raise ValueError(f"adapter {adapter_dir} does not match this base model: "
+                             f"{'; '.join(mismatches[:3]) or str(exc).splitlines()[0]}"
+                             f"{f' (+{len(mismatches) - 3} more)' if len(mismatches) > 3 else ''}. Fix: use the "
                              "base the adapter was trained on (same architecture and vocabulary size; resize the "
                              "embeddings first if the adapter was trained after adding tokens).") from exc
         raise
