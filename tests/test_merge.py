@@ -192,3 +192,14 @@ def test_inplace_merges_untied_layers_in_place_and_still_unties_the_head(tmp_pat
     assert torch.equal(merged.get_input_embeddings().weight, base_embed)  # tied head never written in place
     assert merged.lm_head.weight is not merged.model.embed_tokens.weight
     assert (probe_logits(merged, probe) - adapter_logits).abs().max().item() <= FP32_TOL
+
+
+def test_merged_config_gets_inference_use_cache_back(tmp_path):
+    """Training switches use_cache off (Trainer, gradient checkpointing); the merged model is for inference."""
+    base = tiny_model("gemma2")
+    base.config.use_cache = False
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "m")
+    assert merged.config.use_cache is True and pm.get_base_model().config.use_cache is False
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["use_cache"] is True
+    assert any("use_cache = True" in a for a in report.actions)

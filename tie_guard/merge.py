@@ -351,6 +351,22 @@ def _match_reload_layout(merged: nn.Module, groups: list[TieGroup], declared: di
         {n: merged.get_parameter(n) for g in groups for n in g.names})]
 
 
+def _restore_use_cache(config: PretrainedConfig, report: MergeReport) -> None:
+    """Give the merged model's config (every level) its class default ``use_cache`` where training switched it off
+    (the Trainer and gradient checkpointing set ``use_cache=False``): the merged model is for inference."""
+    from .tie_config import iter_configs
+
+    for path, cfg in iter_configs(config):
+        if vars(cfg).get("use_cache") is False:
+            try:
+                default = getattr(type(cfg)(), "use_cache", None)
+            except Exception:  # noqa: BLE001 - a config class that needs arguments: leave it
+                continue
+            if default:
+                cfg.use_cache = default
+                report.actions.append(f"set {path}.use_cache = {default} (training had switched it off)")
+
+
 def _has_param(model: nn.Module, name: str) -> bool:
     try:
         model.get_parameter(name)
@@ -580,6 +596,7 @@ def safe_merge_and_unload(
         tied = frozenset(n for g in groups for n in g.names)
         merged = _build_merged(peft_model, base_params, inplace, tied)
     _resolve_ties(merged, groups, tie_policy, report)
+    _restore_use_cache(merged.config, report)
     report.tie_flags_after = tie_flags(merged.config)
     report.seconds["merge"] = time.perf_counter() - t0 - report.seconds["probe_adapter"]
 
