@@ -16,6 +16,44 @@ from tie_guard.peft_layout import unwrapped_module
 from tie_guard.probe import make_probe_ids, max_abs_diff, probe_logits
 
 
+def parse_job_args(types: tuple, argv: list[str] | None = None) -> tuple:
+    """Parse a training script's dataclasses from ``--config YAML`` plus command-line flags (TRL's ``TrlParser``:
+    flags override the YAML), strictly: an unknown YAML key or flag stops with one line naming the closest valid
+    one, and flags are never prefix-matched (``--max_step`` is not ``--max_steps``).
+
+    Raises:
+        SystemExit: with that one-line message (exit code 2, as argparse).
+    """
+    import dataclasses
+    import difflib
+    import sys
+
+    import yaml
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    valid = {f.name for t in types for f in dataclasses.fields(t)} | {"config"}
+
+    def unknown(key: str, where: str):
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"error: {where}: unknown setting {key!r}{hint} (valid: the fields of "
+              f"{', '.join(t.__name__ for t in types)})", file=sys.stderr)
+        raise SystemExit(2)
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            if key not in valid and not (key.startswith("no_") and key[3:] in valid):  # --no_<bool field>
+                unknown(key, "command line")
+            if key == "config" and i + 1 < len(argv):
+                config = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
+                for k in config:
+                    if k not in valid:
+                        unknown(k, argv[i + 1])
+    return TrlParser(types, allow_abbrev=False).parse_args_and_config(argv)
+
+
 def offline_wandb_defaults(output_dir: str) -> None:
     """W&B offline and inside the run's output dir unless the user's environment says otherwise."""
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -19,11 +19,11 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import build_dataset  # noqa: E402
-from job_common import load_model_and_tokenizer  # noqa: E402
+from job_common import load_model_and_tokenizer, parse_job_args  # noqa: E402
 from train_lora import DataArguments  # noqa: E402
 
 from tie_guard import TieGuardConfig, guard_accelerator  # noqa: E402
@@ -31,8 +31,8 @@ from tie_guard.packaged import chitchat_conversations  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = TrlParser((DataArguments, ModelConfig, TrainingArguments, TieGuardConfig))
-    data_args, model_args, training_args, guard_args = parser.parse_args_and_config(argv)
+    types = (DataArguments, ModelConfig, TrainingArguments, TieGuardConfig)
+    data_args, model_args, training_args, guard_args = parse_job_args(types, argv)
     wandb = "wandb" in (training_args.report_to or [])
     accelerator = Accelerator(cpu=training_args.use_cpu, log_with="wandb" if wandb else None)
     set_seed(training_args.seed)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_data import build_dataset  # noqa: E402
-from job_common import end_of_run, load_model_and_tokenizer  # noqa: E402
+from job_common import end_of_run, load_model_and_tokenizer, parse_job_args  # noqa: E402
 
 from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
 from tie_guard.packaged import chitchat_conversations  # noqa: E402
@@ -42,8 +42,8 @@ class DataArguments:
 
 
 def main(argv=None):
-    parser = TrlParser((DataArguments, ModelConfig, TrainingArguments, TieGuardConfig))
-    data_args, model_args, training_args, guard_args = parser.parse_args_and_config(argv)
+    types = (DataArguments, ModelConfig, TrainingArguments, TieGuardConfig)
+    data_args, model_args, training_args, guard_args = parse_job_args(types, argv)
     model, tokenizer, dtype = load_model_and_tokenizer(model_args, training_args.output_dir)
     peft_config = get_peft_config(model_args)
     if peft_config is None:

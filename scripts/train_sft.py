@@ -19,10 +19,10 @@ from pathlib import Path
 
 import trl
 from datasets import Dataset
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_common import end_of_run, load_model_and_tokenizer  # noqa: E402
+from job_common import end_of_run, load_model_and_tokenizer, parse_job_args  # noqa: E402
 
 from tie_guard import TieGuardCallback, TieGuardConfig  # noqa: E402
 from tie_guard.packaged import chitchat_conversations  # noqa: E402
@@ -62,8 +62,8 @@ def add_chat_template_tokens(model, tokenizer, args: SFTScriptArguments, multipl
 
 
 def main(argv=None):
-    parser = TrlParser((SFTScriptArguments, ModelConfig, SFTConfig, TieGuardConfig))
-    script_args, model_args, sft_args, guard_args = parser.parse_args_and_config(argv)
+    types = (SFTScriptArguments, ModelConfig, SFTConfig, TieGuardConfig)
+    script_args, model_args, sft_args, guard_args = parse_job_args(types, argv)
     model, tokenizer, dtype = load_model_and_tokenizer(model_args, sft_args.output_dir)
     added = add_chat_template_tokens(model, tokenizer, script_args)
     print(f"added special tokens {dict(zip(script_args.new_special_tokens, added))}; vocab {model.vocab_size}")
