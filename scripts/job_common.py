@@ -119,29 +119,46 @@ def summarize(model, guard, compare_plain_merge: bool) -> dict:
     return summary
 
 
-def generate_from(model_dir: str, prompt: str, max_new_tokens: int, dtype) -> dict:
-    """Reload a saved (merged) model and answer ``prompt`` greedily with its chat template."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+def greedy_answer(model, tok, prompt: str, max_new_tokens: int) -> dict:
+    """Answer ``prompt`` greedily with ``tok``'s chat template: the new token ids and their text."""
     inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                      return_tensors="pt", return_dict=True)
+    inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return {"prompt": prompt, "answer": tok.decode(new, skip_special_tokens=True).strip(),
-            "raw": tok.decode(new, skip_special_tokens=False), "new_tokens": int(new.numel())}
+    model.train(was_training)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return {"answer": tok.decode(new, skip_special_tokens=True).strip(),
+            "raw": tok.decode(new, skip_special_tokens=False), "token_ids": new}
 
 
-def finish(summary: dict, output_dir: str, prompt: str, max_new_tokens: int, dtype) -> dict:
-    """Print the summary, reload the merged model and generate, write summary.json."""
+def finish(summary: dict, output_dir: str, prompt: str, max_new_tokens: int, dtype, adapter_model=None) -> dict:
+    """Print the summary, then answer ``prompt`` with the trained adapter model and with the merged model reloaded
+    from disk, side by side; their greedy tokens must be identical (what tie_guard guarantees: the merged model is
+    the trained model), else this raises. Writes summary.json."""
     print("\n==== tie_guard summary ====")
     print(json.dumps(summary, indent=2, default=str))
     merged_dir = summary.get("tie_guard_merge", {}).get("merged_dir")
     if merged_dir:
-        gen = generate_from(merged_dir, prompt, max_new_tokens, dtype)
-        print(f"\nreloaded merged model from {merged_dir}\n> {prompt}\n{gen['answer'] or gen['raw']}")
+        tok = AutoTokenizer.from_pretrained(merged_dir)
+        reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype)
+        gen = {"prompt": prompt, "merged_reloaded": greedy_answer(reloaded, tok, prompt, max_new_tokens)}
+        if adapter_model is not None:
+            gen["adapter_model"] = greedy_answer(adapter_model, tok, prompt, max_new_tokens)
+            gen["identical_tokens"] = gen["adapter_model"]["token_ids"] == gen["merged_reloaded"]["token_ids"]
         summary["generation"] = gen
+        print(f"\n> {prompt}")
+        for who in ("adapter_model", "merged_reloaded"):
+            if who in gen:
+                print(f"{who:>16}: {gen[who]['answer'] or gen[who]['raw']!r}")
+        if adapter_model is not None:
+            print("greedy tokens identical:", gen["identical_tokens"])
     Path(output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if merged_dir and adapter_model is not None and not gen["identical_tokens"]:
+        raise RuntimeError("the reloaded merged model does not answer as the adapter model does: "
+                           f"{gen['merged_reloaded']['token_ids']} vs {gen['adapter_model']['token_ids']}")
     return summary
 
 
@@ -153,5 +170,6 @@ def end_of_run(is_main_process: bool, model, guard, compare_plain_merge: bool, o
 
     if not is_main_process:
         return {}
-    compare = compare_plain_merge and not has_sharded_parameters(model)
-    return finish(summarize(model, guard, compare), output_dir, prompt, max_new_tokens, dtype)
+    sharded = has_sharded_parameters(model)  # a sharded adapter model cannot generate on one rank
+    return finish(summarize(model, guard, compare_plain_merge and not sharded), output_dir, prompt, max_new_tokens,
+                  dtype, adapter_model=None if sharded else model)

@@ -79,8 +79,13 @@ def main(argv=None):
         peft_config=peft_config,
         callbacks=[guard],
     )
-    print("PEFT config after SFTTrainer:", {k: getattr(trainer.model.peft_config["default"], k)
+    used = trainer.model.peft_config["default"]
+    print("PEFT config after SFTTrainer:", {k: getattr(used, k)
                                           for k in ("target_modules", "modules_to_save", "trainable_token_indices")})
+    asked = set(model_args.lora_modules_to_save or [])
+    if "lm_head" in asked and "lm_head" not in (used.modules_to_save or []) and used.ensure_weight_tying:
+        print("  (lm_head is not listed: with ensure_weight_tying PEFT 0.21 trains one copy of the tied embedding, "
+              "which the output embedding shares, instead of a separate lm_head copy)")
     trainer.train()
     return end_of_run(trainer.is_world_process_zero(), trainer.model, guard, script_args.compare_plain_merge,
                       sft_args.output_dir, script_args.prompt, script_args.max_new_tokens, dtype)

@@ -131,7 +131,7 @@ def test_kasa_is_not_rebuilt_from_initial_adapter(tmp_path):
     assert torch.equal(_emb(merged), _emb(pm)) and not report.input_embeddings_bit_identical
 
 
-def test_verify_against_original_base_names_the_init(tmp_path, capsys):
+def test_verify_against_original_base_names_the_init(tmp_path, capfd):
     pretrained = tiny_model("llama_tied")
     pretrained.save_pretrained(tmp_path / "base")
     results = {}
@@ -142,7 +142,7 @@ def test_verify_against_original_base_names_the_init(tmp_path, capsys):
         # pissa_niter's randomised SVD is not recognisable from the weights: the adapter's config names it.
         extra = ["--adapter", str(tmp_path / f"adapter_{init}")] if init == "pissa_niter_4" else []
         rc = cli_main(["verify", str(tmp_path / init), "--base", str(tmp_path / "base"), "--json", *extra])
-        results[init] = (rc, json.loads(capsys.readouterr().out))
+        results[init] = (rc, json.loads(capfd.readouterr().out))
     for init, (rc, rep) in results.items():
         assert rc == 1 and not rep["sound"], init
         assert rep["base_rewritten_by_init"] == init
@@ -151,5 +151,5 @@ def test_verify_against_original_base_names_the_init(tmp_path, capsys):
     pm, _ = _adapter_model(REWRITING["pissa"])
     safe_merge_and_unload(pm, original_base=pretrained, output_dir=tmp_path / "restored")
     rc = cli_main(["verify", str(tmp_path / "restored"), "--base", str(tmp_path / "base"), "--json"])
-    rep = json.loads(capsys.readouterr().out)
+    rep = json.loads(capfd.readouterr().out)
     assert rc == 0 and rep["sound"] and rep["input_embedding_rows_changed"] == 0 and rep["base_rewritten_by_init"] is None

@@ -82,6 +82,9 @@ def test_main_job_runs_and_generates(tmp_path):
     assert summary["status"] == "ok"
     assert summary["tie_guard_merge"]["input_embeddings_bit_identical"] is True
     assert summary["plain_peft_merge"]["input_embedding_rows_changed"] == VOCAB
-    assert summary["generation"]["new_tokens"] > 0 and summary["generation"]["answer"]
+    gen = summary["generation"]
+    assert gen["merged_reloaded"]["token_ids"] and gen["merged_reloaded"]["answer"]
+    assert gen["identical_tokens"] and gen["adapter_model"]["token_ids"] == gen["merged_reloaded"]["token_ids"]
+    assert "greedy tokens identical: True" in proc.stdout
     assert "==== tie_guard summary ====" in proc.stdout
     assert list((out / "wandb").glob("offline-run-*/*.wandb"))

@@ -108,6 +108,8 @@ def test_sft_job_runs_and_generates(tmp_path):
     assert summary["status"] == "ok"
     merge = summary["tie_guard_merge"]
     assert merge["max_abs_logit_diff"] <= merge["logit_tolerance"] and merge["reload_max_abs_logit_diff"] == 0.0
-    assert summary["generation"]["new_tokens"] > 0
+    gen = summary["generation"]
+    assert gen["merged_reloaded"]["token_ids"] and gen["identical_tokens"]
+    assert gen["adapter_model"]["token_ids"] == gen["merged_reloaded"]["token_ids"]
     tok = AutoTokenizer.from_pretrained(merge["merged_dir"])
     assert tok.convert_tokens_to_ids("<|end|>") >= 49152 and "<|assistant|>" in tok.chat_template

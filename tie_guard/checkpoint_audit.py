@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from .groups import find_tied_groups
 from .init_rewrites import classify_rewrite, find_init_rewrites, numerical_rank
-from .probe import logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
+from .probe import ProbeRun, logit_tolerance, make_probe_ids, model_dtype
 from .tie_config import tie_flags
 
 #: Architectures whose common runtimes/converters always tie the output head to the input embedding
@@ -152,9 +152,9 @@ def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_mode
     if adapter_model is not None:
         vocab = e_m.shape[0]
         probe = make_probe_ids(vocab)
-        ref = probe_logits(adapter_model, probe)
-        rep.max_abs_logit_diff = max_abs_diff(probe_logits(merged, probe), ref)
-        rep.logit_tolerance = logit_tolerance(model_dtype(merged), float(ref.abs().max()))
+        ref = ProbeRun(adapter_model, probe)
+        rep.max_abs_logit_diff = ProbeRun(merged, probe).max_abs_diff(ref)
+        rep.logit_tolerance = logit_tolerance(model_dtype(merged), ref.max_abs())
         if rep.max_abs_logit_diff > rep.logit_tolerance:
             rep.problems.append(f"merged logits differ from base + adapter by {rep.max_abs_logit_diff:.3g} "
                                 f"(tolerance {rep.logit_tolerance:.3g}): the checkpoint is not the trained model. "

@@ -195,7 +195,7 @@ def _initial_factors(initial_adapter, adapter: str, module: str) -> tuple[torch.
 
 
 def resolve_init_rewrites(peft_model, merged: nn.Module, groups: list[TieGroup], base_params: list[BaseParameter],
-                          adapter_names: list[str], probe: torch.Tensor, adapter_logits: torch.Tensor, report,
+                          adapter_names: list[str], probe: torch.Tensor, adapter_run, report,
                           original_base=None, initial_adapter=None) -> torch.Tensor | None:
     """Record (and, where possible, undo) init rewrites of tied weights in a merged model.
 
@@ -210,20 +210,21 @@ def resolve_init_rewrites(peft_model, merged: nn.Module, groups: list[TieGroup],
             Parameters may be replaced (never written in place).
         groups / base_params: the adapter model's tie groups and base parameters.
         adapter_names: adapters being merged.
-        probe: (batch, seq) token ids; adapter_logits: the adapter model's logits on it.
+        probe: (batch, seq) token ids; adapter_run: the adapter model's :class:`tie_guard.probe.ProbeRun` on it.
         report: the :class:`tie_guard.merge.MergeReport` being filled.
         original_base: the unmodified pretrained model, or ``{canonical name: tensor}`` of its input embeddings
             (vocab × hidden); bit-exact restore.
         initial_adapter: the adapter saved right after ``get_peft_model`` (directory or state dict); restore as
             ``W_res + s·B0·A0`` for PiSSA/OLoRA/CorDA/LoRA-GA (exact up to rounding).
     Returns:
-        the merged model's logits on ``probe`` when an embedding was restored (they changed), else ``None``.
+        the merged model's :class:`~tie_guard.probe.ProbeRun` on ``probe`` when an embedding was restored (its
+        logits changed), else ``None``.
     Raises:
         ValueError: ``original_base`` holds an input embedding of another shape or dtype.
         FileNotFoundError: ``initial_adapter`` is a directory without ``adapter_model.safetensors``.
     """
     from .merge import _embedding_check, _input_embedding_names
-    from .probe import max_abs_diff, probe_logits
+    from .probe import ProbeRun
 
     rewrites = [r for r in find_init_rewrites(peft_model, groups, {bp.name: bp for bp in base_params})
                 if r.adapter in adapter_names]
@@ -282,8 +283,8 @@ def resolve_init_rewrites(peft_model, merged: nn.Module, groups: list[TieGroup],
     if not restored_any:
         logits = None
     else:
-        logits = probe_logits(merged, probe)
-        shift = max_abs_diff(logits, adapter_logits)
+        logits = ProbeRun(merged, probe)
+        shift = logits.max_abs_diff(adapter_run)
         # Against the pretrained value where it is known exactly; a rebuilt value stays compared with W_res.
         report.input_embeddings = [
             _embedding_check(e.name, originals[e.name], merged.get_parameter(e.name), e.adapter_trains_it)

@@ -19,7 +19,7 @@ from .groups import TieGroup, UnionFind, find_tied_groups, physical_components
 from .init_rewrites import resolve_init_rewrites
 from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, PeftModel, is_peft_wrapper, iter_base_parameters
-from .probe import check_probe_ids, logit_tolerance, make_probe_ids, max_abs_diff, model_dtype, probe_logits
+from .probe import ProbeRun, check_probe_ids, logit_tolerance, make_probe_ids, model_dtype
 from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags, ties_on_reload
 
 TiePolicy = Literal["untie", "keep_tied", "error"]
@@ -591,7 +591,7 @@ def safe_merge_and_unload(
         check_probe_ids(probe, vocab)
         report.probe_shape = list(probe.shape)
         t_probe = time.perf_counter()
-        adapter_logits = probe_logits(peft_model, probe)
+        adapter_run = ProbeRun(peft_model, probe)
         report.seconds["probe_adapter"] = time.perf_counter() - t_probe
         tied = frozenset(n for g in groups for n in g.names)
         merged = _build_merged(peft_model, base_params, inplace, tied)
@@ -602,9 +602,9 @@ def safe_merge_and_unload(
 
     phase("verify")
     t1 = time.perf_counter()
-    merged_logits = probe_logits(merged, probe)
-    report.max_abs_logit_diff = max_abs_diff(merged_logits, adapter_logits)
-    report.logit_tolerance = logit_tolerance(dtype, float(adapter_logits.abs().max()))
+    merged_run = ProbeRun(merged, probe)
+    report.max_abs_logit_diff = merged_run.max_abs_diff(adapter_run)
+    report.logit_tolerance = logit_tolerance(dtype, adapter_run.max_abs())
     report.logits_match = report.max_abs_logit_diff <= report.logit_tolerance
     pre = {bp.name: bp.param for bp in base_params}
     trained = _input_embedding_names(groups)
@@ -622,12 +622,12 @@ def safe_merge_and_unload(
     report.seconds["verify"] = time.perf_counter() - t1
     if report.failures:
         raise MergeVerificationError(_failure_message(report), report)
-    restored_logits = resolve_init_rewrites(peft_model, merged, groups, base_params, names, probe, adapter_logits,
+    restored_run = resolve_init_rewrites(peft_model, merged, groups, base_params, names, probe, adapter_run,
                                             report, original_base, initial_adapter)
-    merged_logits = merged_logits if restored_logits is None else restored_logits
+    merged_run = merged_run if restored_run is None else restored_run
 
     if output_dir is not None:
-        _save_and_check(merged, merged_logits, probe, tokenizer, Path(output_dir), overwrite,
+        _save_and_check(merged, merged_run, probe, tokenizer, Path(output_dir), overwrite,
                         verify_reload, report, phase)
     report.verified = True
     return merged, report
@@ -735,7 +735,7 @@ def _failure_message(report: MergeReport) -> str:
     )
 
 
-def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrite: bool, verify_reload: bool,
+def _save_and_check(merged, merged_run: ProbeRun, probe, tokenizer, out: Path, overwrite: bool, verify_reload: bool,
                     report: MergeReport, phase) -> None:
     from safetensors import SafetensorError
 
@@ -754,7 +754,7 @@ def _save_and_check(merged, merged_logits, probe, tokenizer, out: Path, overwrit
             phase("reload")
             t1 = time.perf_counter()
             reloaded = type(merged).from_pretrained(tmp, dtype=model_dtype(merged))
-            report.reload_max_abs_logit_diff = max_abs_diff(probe_logits(reloaded, probe), merged_logits)
+            report.reload_max_abs_logit_diff = ProbeRun(reloaded, probe).max_abs_diff(merged_run)
             ok = True
             for e in report.input_embeddings:
                 want = merged.get_parameter(e.name)  # already checked against the pre-merge value

@@ -89,21 +89,120 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of ``model`` on ``input_ids`` (batch × seq) as float32, shape (batch, seq, vocab), in eval mode
-    (dropout off), without gradients and without mixed-precision wrappers; the model's train/eval mode is
-    restored afterwards. Encoder–decoder models get ``decoder_input_ids = input_ids``."""
+def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict:
     config = getattr(model, "config", None)
     kwargs = {"input_ids": input_ids.to(model_device(model)), "use_cache": False}
     if config is not None and getattr(config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = kwargs["input_ids"]
+    return kwargs
+
+
+def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` on ``input_ids`` (batch × seq) as float32, shape (batch, seq, vocab), in eval mode
+    (dropout off), without gradients and without mixed-precision wrappers; the model's train/eval mode is
+    restored afterwards. Encoder–decoder models get ``decoder_input_ids = input_ids``."""
     # Call the class's forward, not an instance-level override: accelerate's ``prepare`` replaces
     # ``model.forward`` with an autocast wrapper (e.g. bf16 autocast under SFTConfig's default bf16=True), which
     # would make the reference logits depend on the training run's mixed-precision setting.
     forward = type(model).forward
     with torch.no_grad(), eval_mode(model):
-        out = forward(model, **kwargs)
+        out = forward(model, **_forward_kwargs(model, input_ids))
     return out.logits.detach().float().cpu()
+
+
+class _StopAtHead(Exception):
+    """Raised by the pre-hook on the output embedding once its input is captured: the forward stops there."""
+
+
+#: Elements of logits produced at once by :class:`ProbeRun` (4 MiB of float32).
+LOGIT_CHUNK_ELEMS = 1 << 20
+
+
+class ProbeRun:
+    """What a model computes on a probe batch, kept small: the input of its output embedding (``hidden``:
+    (batch·seq) × hidden) and the head module itself, so that logits ((batch·seq) × vocab) are produced a few
+    tokens at a time (:data:`LOGIT_CHUNK_ELEMS` per chunk) and never held whole.
+
+    The model's class ``forward`` runs in eval mode without gradients up to its output-embedding module
+    (``get_output_embeddings()``, PEFT wrapper included), whose input is captured by a forward pre-hook that then
+    stops the forward. Logits are the head module's output on that input: for a LoRA head the adapter model's
+    own PEFT forward, for the merged model its plain ``nn.Linear``. Whatever a model does after its head
+    (Gemma's final-logit soft-capping, a logit scale) is the same code and config in the two models compared, and
+    is 1-Lipschitz or a fixed scale, so equal head outputs mean equal logits; everything before it (every
+    decoder layer, embedding scaling, T5's output rescale) is in ``hidden``. When the forward never calls that
+    module (a model computing logits from a weight directly), the full logits are kept instead (``logits``).
+
+    Args:
+        model: any transformers model or ``PeftModel``; its modes are restored after each use.
+        input_ids: (batch, seq) token ids.
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor):
+        self.model = model
+        self.shape = tuple(input_ids.shape)
+        self.hidden: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        captured = {}
+
+        def hook(module, args, kwargs):
+            captured["x"] = (args[0] if args else next(iter(kwargs.values()))).detach()
+            raise _StopAtHead
+
+        handle = self.head.register_forward_pre_hook(hook, with_kwargs=True) if self.head is not None else None
+        try:
+            with torch.no_grad(), eval_mode(model):
+                out = type(model).forward(model, **_forward_kwargs(model, input_ids))
+            self.logits = out.logits.detach().float().cpu().reshape(-1, out.logits.shape[-1])
+            self.head = None
+        except _StopAtHead:
+            x = captured["x"]
+            self.hidden = x.reshape(-1, x.shape[-1])
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @property
+    def vocab(self) -> int:
+        """Width of the logits (from one position's head output, computed once)."""
+        if self.logits is not None:
+            return self.logits.shape[-1]
+        if not hasattr(self, "_vocab"):
+            self._vocab = next(self.chunks(1)).shape[-1]
+        return self._vocab
+
+    def chunks(self, rows: int | None = None):
+        """Yield the float32 logits in order, ``rows`` flattened (batch·seq) positions at a time (default: as many
+        as fit in :data:`LOGIT_CHUNK_ELEMS`), each (rows × vocab)."""
+        n = self.hidden.shape[0] if self.logits is None else self.logits.shape[0]
+        rows = rows or max(1, LOGIT_CHUNK_ELEMS // self.vocab)
+        if self.logits is not None:
+            yield from (self.logits[i: i + rows] for i in range(0, n, rows))
+            return
+        for i in range(0, n, rows):
+            # No context is held across a yield: a consumer may stop early (grad mode must not stay off).
+            with torch.no_grad(), eval_mode(self.head):
+                out = self.head(self.hidden[i: i + rows].unsqueeze(0))[0].float().cpu()
+            yield out
+
+    def max_abs(self) -> float:
+        """max |logit| over the probe (``inf`` if any logit is not finite)."""
+        return max((float(torch.nan_to_num(c.abs(), nan=float("inf")).max()) for c in self.chunks()), default=0.0)
+
+    def max_abs_diff(self, other: ProbeRun) -> float:
+        """max |logits(self) − logits(other)| over every logit of the probe, computed chunk by chunk.
+
+        Raises:
+            ValueError: the two runs were made on probes or vocabularies of different shapes.
+        """
+        if self.shape != other.shape or self.vocab != other.vocab:
+            raise ValueError(f"probe shape mismatch: {self.shape} × {self.vocab} vs {other.shape} × {other.vocab}")
+        rows = max(1, LOGIT_CHUNK_ELEMS // self.vocab)
+        return max((max_abs_diff(a, b) for a, b in zip(self.chunks(rows), other.chunks(rows))), default=0.0)
+
+    def full_logits(self) -> torch.Tensor:
+        """All logits, (batch, seq, vocab) float32: for callers that need them whole (tests, small models)."""
+        return torch.cat(list(self.chunks())).reshape(*self.shape, -1)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
