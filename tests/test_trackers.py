@@ -184,3 +184,14 @@ def test_accelerate_loop_logs_into_the_accelerators_tensorboard_tracker(tmp_path
     div = acc.Scalars("tie_guard/divergence/lm_head")
     assert [s.step for s in div] == [1, 2, 3] and all(s.value > 0 for s in div)
     assert not list((tmp_path / "out").glob("runs"))  # the accelerator's writer, not an own one
+
+
+def test_report_to_all_and_tracker_settings():
+    from tie_guard.sinks import requested_trackers
+
+    everything = TrainingArguments(output_dir="unused", report_to="all").report_to  # transformers expands "all"
+    assert {"wandb", "tensorboard", "mlflow", "trackio"} <= set(requested_trackers("auto", everything))
+    assert requested_trackers("none", everything) == []
+    assert requested_trackers("mlflow, trackio", ["wandb"]) == ["mlflow", "trackio"]
+    with pytest.raises(ValueError, match="trackers must be"):
+        TieGuardConfig(trackers="tensorboard,comet")
