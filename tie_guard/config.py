@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .merge import TIE_POLICIES
+from .sinks import TRACKERS
 
 ON_BREAK = ("warn", "stop", "raise")
 WANDB_MODES = ("auto", "always", "never")
@@ -46,6 +47,12 @@ class TieGuardConfig:
         default="tie_guard_events.jsonl",
         metadata={"help": "JSONL event log, relative to TrainingArguments.output_dir ('' disables it)."},
     )
+    trackers: str = field(
+        default="auto",
+        metadata={"help": "Trackers that get tie_guard's metrics: 'auto' (the Trainer's report_to, or the "
+                  "accelerator's trackers in a custom loop), 'none', or comma-separated names among "
+                  "wandb,tensorboard,mlflow,trackio."},
+    )
     wandb: str = field(
         default="auto",
         metadata={
@@ -64,6 +71,10 @@ class TieGuardConfig:
             raise ValueError(f"on_break must be one of {ON_BREAK}, got {self.on_break!r}")
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"wandb must be one of {WANDB_MODES}, got {self.wandb!r}")
+        names = [] if self.trackers in ("auto", "none") else [n.strip() for n in self.trackers.split(",")]
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"trackers must be 'auto', 'none' or names among {tuple(TRACKERS)}, got {unknown}")
         if self.probe_batch_size < 1 or self.probe_seq_len < 1:
             raise ValueError(f"probe_batch_size and probe_seq_len must be >= 1, got {self.probe_batch_size} and "
                              f"{self.probe_seq_len}")

@@ -1,4 +1,4 @@
-"""One event stream, three sinks: Python logging, a JSONL file, Weights & Biases."""
+"""One event stream: Python logging, a JSONL file, and the run's trackers (:mod:`tie_guard.sinks`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Event:
         step: the Trainer's ``global_step`` (optimizer steps) when it happened.
         level: ``"debug"``, ``"info"``, ``"warning"`` or ``"error"``.
         message: one line for people, naming the problem and the fix where there is one.
-        metrics: numbers, logged to W&B under ``tie_guard/<key>``.
+        metrics: numbers, logged to every tracker sink under ``tie_guard/<key>``.
         data: anything else JSON-serialisable (rows, reports).
     """
 
@@ -48,26 +48,28 @@ class Event:
 
 
 class EventLog:
-    """Fan events out to logging, an optional JSONL file and an optional W&B sink.
+    """Fan events out to logging, an optional JSONL file and the run's tracker sinks.
 
     Args:
         jsonl_path: file to append one JSON object per line to (created with parents); ``None`` disables it.
-        wandb_sink: a :class:`tie_guard.wandb_sink.WandbSink` or ``None``.
+        sinks: :class:`tie_guard.sinks.base.Sink` objects (W&B, TensorBoard, MLflow, Trackio), e.g. from
+            :func:`tie_guard.sinks.resolve_sinks`.
         log: also send messages to Python logging (``False`` on non-main ranks, so that each event is reported
             once per run, by the main process).
     """
 
-    def __init__(self, jsonl_path: str | os.PathLike | None = None, wandb_sink=None, log: bool = True):
+    def __init__(self, jsonl_path: str | os.PathLike | None = None, sinks=(), log: bool = True):
         self.log = log
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
-        self.wandb = wandb_sink
+        self.sinks = list(sinks)
         self.events: list[Event] = []
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, event: str, step: int, level: str = "info", message: str = "", metrics: dict | None = None,
              data: dict | None = None, table: tuple[str, list[dict]] | None = None) -> Event:
-        """Record one event everywhere. ``table=(name, rows)`` also logs a W&B table ``tie_guard/<name>``."""
+        """Record one event everywhere. ``table=(name, rows)`` also logs a table ``tie_guard/<name>`` to each
+        sink (as text where the tracker has no tables)."""
         ev = Event(event, int(step), level, message, dict(metrics or {}), dict(data or {}))
         self.events.append(ev)
         if message and self.log:
@@ -76,18 +78,23 @@ class EventLog:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(ev.to_json(), default=str) + "\n")
                 f.flush()
-        if self.wandb is not None:
-            self.wandb.log_event(ev, table=table)
+        for sink in self.sinks:
+            sink.log_event(ev, table=table)
         return ev
 
     def summary(self, values: dict) -> None:
-        """Final values for the W&B run summary (``tie_guard/<key>``) and a ``summary`` JSONL record."""
+        """Final values for each sink's run summary (``tie_guard/<key>``) and a ``summary`` JSONL record."""
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps({"time": time.time(), "step": values.get("step"), "event": "summary", "level": "info",
                                     "message": "", "metrics": {}, "data": values}, default=str) + "\n")
-        if self.wandb is not None:
-            self.wandb.summary(values)
+        for sink in self.sinks:
+            sink.summary(values)
+
+    def finish(self) -> None:
+        """Flush the sinks and close what they opened themselves (never the Trainer's or accelerator's runs)."""
+        for sink in self.sinks:
+            sink.finish()
 
 
 def read_events(path: str | os.PathLike) -> list[dict]:

@@ -22,7 +22,7 @@ from .errors import TieBrokenError, TieGuardError
 from .events import EventLog
 from .merge import REPORT_NAME, safe_merge_and_unload
 from .peft_layout import PeftModel
-from .wandb_sink import resolve_wandb
+from .sinks import resolve_sinks
 from .watch import CheckResult, TieWatcher, combine_over_ranks, emit_findings
 
 #: File written into ``Accelerator.save_state`` checkpoints: the captured baseline and the check at save time.
@@ -49,12 +49,15 @@ class TieGuard:
 
     In a distributed run every rank creates a ``TieGuard`` and makes the same calls in the same order (checks are
     collective: one ``all_reduce`` per check); only the main process (global rank 0) writes the JSONL file, logs to
-    W&B and Python logging, and saves the merged model.
+    the trackers (:mod:`tie_guard.sinks`) and Python logging, and saves the merged model.
 
     Args:
         config: a :class:`TieGuardConfig`; keyword arguments override its fields.
         output_dir: run directory; the JSONL event file and ``config.merged_dir`` are relative to it.
         main_process: whether this process writes; default: global rank 0 of torch.distributed (or the only one).
+        report_to: the Trainer's ``args.report_to``: the trackers that get tie_guard's metrics
+            (``TieGuardConfig.trackers="auto"``).
+        accelerator: an ``accelerate.Accelerator`` whose ``trackers`` get them instead (custom loops).
     Attributes:
         watcher: the :class:`TieWatcher` (after :meth:`start`).
         status: ``"not_started"``, ``"ok"``, ``"broken"`` or ``"merge_failed"``.
@@ -63,7 +66,7 @@ class TieGuard:
     """
 
     def __init__(self, config: TieGuardConfig | None = None, output_dir: str | Path = ".",
-                 main_process: bool | None = None, **overrides):
+                 main_process: bool | None = None, report_to=None, accelerator=None, **overrides):
         self.config = dataclasses.replace(config or TieGuardConfig(), **overrides)
         self.output_dir = Path(output_dir)
         self.main_process = is_main_process() if main_process is None else main_process
@@ -76,7 +79,8 @@ class TieGuard:
         self.resume_baseline: dict | None = None
         self.last_step = 0
         self._rank_digests: dict[str, list] = {}
-        self._wandb = None
+        self.report_to = report_to
+        self.accelerator = accelerator
 
     # ---------------------------------------------------------------------------------------------------------------
     def start(self, model: nn.Module, step: int = 0) -> list:
@@ -87,10 +91,9 @@ class TieGuard:
             TieGuardError: ranks see different tie groups (distributed runs).
         """
         main = self.main_process
-        if main:
-            self._wandb = resolve_wandb(self.config.wandb, self.config.wandb_project, self.output_dir)
+        sinks = resolve_sinks(self.config, self.output_dir, self.report_to, self.accelerator) if main else []
         jsonl = self.output_dir / self.config.events_file if (main and self.config.events_file) else None
-        self.events = EventLog(jsonl, self._wandb if main else None, log=main)
+        self.events = EventLog(jsonl, sinks, log=main)
         self.watcher = TieWatcher(model, self.events)
         groups = self.watcher.capture(step)
         self._gather_digests()
@@ -162,8 +165,7 @@ class TieGuard:
                              "save it with trainer.save_model() / accelerator.save_model()")
         summary["status"] = self.status
         self.events.summary(summary)
-        if self._wandb is not None:
-            self._wandb.finish()
+        self.events.finish()
         return summary
 
     # --- checkpoints ----------------------------------------------------------------------------------------------

@@ -37,8 +37,11 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, events_fil
 
     Raises:
         FileNotFoundError: no events file in ``run_dir``.
+        ImportError: matplotlib is not installed (the message gives ``pip install "tie_guard[report]"``).
     """
-    import matplotlib
+    from .sinks.base import require_extra
+
+    matplotlib = require_extra("matplotlib", "tie-guard report (the PNG run report)", "report")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

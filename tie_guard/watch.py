@@ -468,6 +468,15 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter],
         sigs = {m.name: _touch_signature(by_name[m.name]) for m in g.members}
         if len(set(sigs.values())) <= 1:
             continue
+        if _vllm_ties_head(root):
+            out.append(("warning",
+                        f"{g.label}: this {root.config.model_type} model trains its output embedding apart from its "
+                        "input embedding, but vLLM's Gemma models have no separate head and compute logits from the "
+                        "INPUT embedding: a vLLM rollout (e.g. TRL GRPOTrainer(args=GRPOConfig(use_vllm=True))) "
+                        "samples from a different head than the trained lm_head the trainer scores. Fix: "
+                        "LoraConfig(ensure_weight_tying=True) so embed_tokens and lm_head train as one tied matrix "
+                        "(modules_to_save=['embed_tokens','lm_head'] or the same trainable_token_indices), or "
+                        "generate with transformers (use_vllm=False)."))
         touched = [m for m in g.members if m.touched_by]
         untouched = [m for m in g.members if not m.touched_by]
         desc = "; ".join(f"{m.name} ← {', '.join(m.touched_by)}" for m in touched)
@@ -491,6 +500,14 @@ def setup_warnings(groups: list[TieGroup], by_name: dict[str, BaseParameter],
                         "matrix. Fix: pass ensure_weight_tying=True to LoraConfig to share one delta, or merge with "
                         "tie_guard's 'untie' to keep both exactly."))
     return out
+
+
+def _vllm_ties_head(root: nn.Module | None) -> bool:
+    """True for Gemma-family models (``model_type`` gemma, gemma2, gemma3, gemma3_text, ...): vLLM's
+    implementations of them (vLLM 0.x ``GemmaForCausalLM`` & co.) have no ``lm_head`` and always compute logits from
+    ``embed_tokens``, whatever ``tie_word_embeddings`` says."""
+    config = getattr(root, "config", None) if root is not None else None
+    return str(getattr(config, "model_type", "")).startswith("gemma")
 
 
 def _trl_fused_lm_head(root: nn.Module) -> bool:
