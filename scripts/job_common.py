@@ -107,7 +107,7 @@ def summarize(model, guard, compare_plain_merge: bool) -> dict:
             "reload_max_abs_logit_diff": report.reload_max_abs_logit_diff,
             "input_embeddings": [vars(e) for e in report.input_embeddings],
             # True when every input embedding the adapter does not itself train is bit-identical to the base's.
-            "input_embeddings_bit_identical": report.input_embeddings_bit_identical,
+            "untrained_input_embeddings_bit_identical": report.untrained_input_embeddings_bit_identical,
             "actions": report.actions,
             "merged_dir": report.output_dir,
         }

@@ -96,7 +96,7 @@ def measure(setup: str, arch: str = "llama_tied") -> dict:
                 "tied_after": merged.get_input_embeddings().weight is merged.get_output_embeddings().weight,
                 "reload_tied": reloaded.get_input_embeddings().weight is reloaded.get_output_embeddings().weight,
                 "tie_flag": bool(merged.config.tie_word_embeddings),
-                "adapter_trains_input": any(e.adapter_trains_it for e in rep.input_embeddings),
+                "adapter_trains_input": any(e.trained_by_adapter for e in rep.input_embeddings),
             }
     row["adapter_unchanged"] = True
     return row

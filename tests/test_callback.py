@@ -61,7 +61,7 @@ def test_trainer_run_logs_to_wandb_jsonl_and_merges(tmp_path, wandb_dir):
     assert (merged_dir / "model.safetensors").exists() and (merged_dir / "config.json").exists()
     assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
     report = json.loads((tmp_path / "run" / "tie_guard_merge_report.json").read_text())
-    assert report["verified"] and report["input_embeddings_bit_identical"]
+    assert report["verified"] and report["untrained_input_embeddings_bit_identical"]
     reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert torch.equal(reloaded.get_input_embeddings().weight, base_embed)
     probe = make_probe_ids(VOCAB)
@@ -93,7 +93,7 @@ def test_trainer_run_logs_to_wandb_jsonl_and_merges(tmp_path, wandb_dir):
     assert len(merge) == 1 and merge[0]["tie_guard/merge/verified"] == 1
     assert merge[0]["tie_guard/merge/max_abs_logit_diff"] <= 1e-4
     assert merge[0]["tie_guard/merge/logits_match"] == 1
-    assert merge[0]["tie_guard/merge/input_embeddings_bit_identical"] == 1
+    assert merge[0]["tie_guard/merge/untrained_input_embeddings_bit_identical"] == 1
     assert run["summary"]["tie_guard/status"] == "ok"
     assert run["summary"]["tie_guard/merge/verified"] is True
     assert run["alerts"] == []

@@ -48,7 +48,7 @@ def test_merge_then_verify_is_sound(smollm2_dir, adapter_dir, tmp_path):
     proc = run("merge", smollm2_dir, adapter_dir, tmp_path / "out", "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
-    assert summary["verified"] and summary["input_embeddings_bit_identical"]
+    assert summary["verified"] and summary["untrained_input_embeddings_bit_identical"]
     assert summary["max_abs_logit_diff"] <= summary["logit_tolerance"]
     for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
               "tie_guard_merge_report.json"):

@@ -63,7 +63,7 @@ def test_plain_init_no_rewrite_no_warning_and_merge_keeps_pretrained(init):
     assert _setup_errors(pm) == []
     merged, report = safe_merge_and_unload(pm)
     assert report.base_rewritten_by_init == []
-    assert report.input_embeddings_bit_identical and torch.equal(_emb(merged), _emb(pretrained))
+    assert report.untrained_input_embeddings_bit_identical and torch.equal(_emb(merged), _emb(pretrained))
     assert not any("initialisation" in w for w in report.warnings)
 
 
@@ -73,13 +73,13 @@ def test_merge_without_original_reports_rewrite_and_claims_nothing(init):
     merged, report = safe_merge_and_unload(pm)
     assert report.verified and report.logits_match  # the merged model is the trained one ...
     assert torch.equal(_emb(merged), _emb(pm)) and not torch.equal(_emb(merged), _emb(pretrained))
-    assert not report.input_embeddings_bit_identical  # ... but its input embedding is not the pretrained one
+    assert not report.untrained_input_embeddings_bit_identical  # ... but its input embedding is not the pretrained one
     (rw,) = report.base_rewritten_by_init
     assert rw["init"] == init and rw["module"] == "lm_head" and rw["input_members"] == (EMB,)
     assert rw["restored"] is None and "original_base=" in rw["note"]
     assert ("initial_adapter=" in rw["note"]) == (init == "pissa")  # KaSA's truncation is lossy
     assert any(w.startswith(f"{init} initialisation") and "NOT the pretrained" in w for w in report.warnings)
-    assert report.to_dict()["input_embeddings_bit_identical"] is False
+    assert report.to_dict()["untrained_input_embeddings_bit_identical"] is False
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "kasa"])
@@ -99,7 +99,7 @@ def test_untie_merge_restores_pretrained_embedding_from_original_base(init, tmp_
         w_eff = pm.base_model.model.lm_head(torch.eye(32)).T  # PEFT's own forward on the identity: W_eff
     assert torch.allclose(merged.lm_head.weight, w_eff, atol=1e-6)
     assert shift > 1e-2 and 0 < rw["restore_logit_shift"] < 10
-    assert report.input_embeddings_bit_identical and report.reload_input_embeddings_bit_identical
+    assert report.untrained_input_embeddings_bit_identical and report.reload_input_embeddings_match_merged
     on_disk = json.loads((tmp_path / "m" / "tie_guard_merge_report.json").read_text())
     assert on_disk["base_rewritten_by_init"][0]["restored"] == "original"
     from transformers import AutoModelForCausalLM
@@ -117,7 +117,7 @@ def test_untie_merge_rebuilds_pissa_embedding_from_initial_adapter(tmp_path):
     assert rw["restored"] == "initial_adapter"
     err = float((_emb(merged) - _emb(pretrained)).detach().abs().max())
     assert err <= 1e-6  # W_res + s·B0·A0: float rounding only (rewrite itself was up to ~0.05)
-    assert not report.input_embeddings_bit_identical  # not claimed bit-exact
+    assert not report.untrained_input_embeddings_bit_identical  # not claimed bit-exact
     assert any("exact up to float rounding" in w for w in report.warnings)
 
 
@@ -128,7 +128,7 @@ def test_kasa_is_not_rebuilt_from_initial_adapter(tmp_path):
     merged, report = safe_merge_and_unload(pm, initial_adapter=tmp_path / "init")
     (rw,) = report.base_rewritten_by_init
     assert rw["restored"] is None and "discards information" in rw["note"]
-    assert torch.equal(_emb(merged), _emb(pm)) and not report.input_embeddings_bit_identical
+    assert torch.equal(_emb(merged), _emb(pm)) and not report.untrained_input_embeddings_bit_identical
 
 
 def test_verify_against_original_base_names_the_init(tmp_path, capfd):

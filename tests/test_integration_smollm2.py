@@ -59,7 +59,7 @@ def test_lm_head_lora_on_real_smollm2(smollm2_dir, tmp_path):
 def test_lm_head_and_attention_lora_within_fp32_floor(smollm2_dir, tmp_path):
     pm, base_embed, cb = _train(smollm2_dir, tmp_path / "run", ["lm_head", "q_proj", "v_proj"])
     report = cb.merge_report
-    assert report.verified and report.input_embeddings_bit_identical
+    assert report.verified and report.untrained_input_embeddings_bit_identical
     probe = make_probe_ids(VOCAB)
     adapter = probe_logits(pm, probe)
     # float32's own noise floor on this model: the same adapter model computed in float64.
@@ -80,7 +80,7 @@ def test_main_job_runs_and_generates(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok"
-    assert summary["tie_guard_merge"]["input_embeddings_bit_identical"] is True
+    assert summary["tie_guard_merge"]["untrained_input_embeddings_bit_identical"] is True
     assert summary["plain_peft_merge"]["input_embedding_rows_changed"] == VOCAB
     gen = summary["generation"]
     assert gen["merged_reloaded"]["token_ids"] and gen["merged_reloaded"]["answer"]

@@ -45,7 +45,7 @@ def test_plain_peft_merge_changes_embeddings_but_tie_guard_does_not(tmp_path):
 
     merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "merged")
     assert torch.equal(merged.get_input_embeddings().weight, base_embed)
-    assert report.input_embeddings_bit_identical and report.input_embeddings[0].rows_changed == 0
+    assert report.untrained_input_embeddings_bit_identical and report.input_embeddings[0].rows_changed == 0
     assert report.max_abs_logit_diff <= FP32_TOL
     assert report.verified and report.logits_match and report.plain_merge_changes_input_embeddings
     assert merged.config.tie_word_embeddings is False
@@ -60,7 +60,7 @@ def test_plain_peft_merge_changes_embeddings_but_tie_guard_does_not(tmp_path):
     assert reload_diff <= FP32_TOL
     assert report.reload_max_abs_logit_diff == 0.0
     on_disk = json.loads((tmp_path / "merged" / REPORT_NAME).read_text())
-    assert on_disk["verified"] is True and on_disk["input_embeddings_bit_identical"] is True
+    assert on_disk["verified"] is True and on_disk["untrained_input_embeddings_bit_identical"] is True
     print(f"plain PEFT: embed max change {plain_embed_change.max():.3g}, logit diff {plain_logit_diff:.3g}; "
           f"tie_guard: logit diff {report.max_abs_logit_diff:.3g}, after reload {reload_diff:.3g}")
 
@@ -97,7 +97,7 @@ def test_keep_tied_applies_delta_exactly_once():
     assert merged.config.tie_word_embeddings is True
     torch.testing.assert_close(merged.lm_head.weight.detach(), expected, rtol=0, atol=1e-6)
     assert report.max_abs_logit_diff > FP32_TOL  # moved: reported, not hidden
-    assert not report.input_embeddings[0].bit_identical
+    assert not report.input_embeddings[0].equals_base
 
 
 def test_error_policy_names_the_tied_weights():

@@ -188,7 +188,7 @@ def test_tuner_on_tied_lm_head(name, tmp_path):
     diff = (probe_logits(merged, probe) - adapter).abs().max().item()
     assert rep.verified and diff <= tol, (name, diff, tol)
     embed = merged.get_input_embeddings().weight
-    trains_input = any(e.adapter_trains_it for e in rep.input_embeddings)
+    trains_input = any(e.trained_by_adapter for e in rep.input_embeddings)
     if trains_input:  # ensure_weight_tying / trainable tokens: the adapter's own input embedding, merged
         every_id = torch.arange(VOCAB)[None]
         with torch.no_grad():
@@ -206,7 +206,7 @@ def test_tuner_on_tied_lm_head(name, tmp_path):
     assert _unchanged(pm, before)
     record({**row, "outcome": "exact", "adapter_effect": effect, "logit_diff": diff, "tolerance": tol,
             "reload_output_dir_diff": reload_out, "reload_user_save_diff": reload_user,
-            "input_embeddings_bit_identical": rep.input_embeddings_bit_identical, "adapter_trains_input": trains_input,
+            "untrained_input_embeddings_bit_identical": rep.untrained_input_embeddings_bit_identical, "adapter_trains_input": trains_input,
             "tied_after": merged.get_input_embeddings().weight is merged.get_output_embeddings().weight})
 
 

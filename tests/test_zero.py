@@ -84,7 +84,7 @@ def assert_verified_merge(run_dir: Path) -> dict[str, torch.Tensor]:
     report = json.loads((run_dir / "tie_guard_merge_report.json").read_text())
     assert report["verified"] and report["max_abs_logit_diff"] <= report["logit_tolerance"]
     assert report["reload_max_abs_logit_diff"] <= report["logit_tolerance"]
-    assert report["input_embeddings_bit_identical"]
+    assert report["untrained_input_embeddings_bit_identical"]
     weights, base = merged_weights(run_dir), tiny_tied_llama()
     assert torch.equal(weights["model.embed_tokens.weight"], base.model.embed_tokens.weight)
     assert not torch.equal(weights["lm_head.weight"], base.lm_head.weight)
@@ -135,7 +135,7 @@ def test_save_model_adapter_merges_again_with_the_cli(launched, name):
                          capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert cli.returncode == 0, cli.stderr[-3000:]
     summary = json.loads(cli.stdout)
-    assert summary["verified"] and summary["input_embeddings_bit_identical"]
+    assert summary["verified"] and summary["untrained_input_embeddings_bit_identical"]
     assert summary["max_abs_logit_diff"] <= summary["logit_tolerance"]
     cli_weights = load_file(out / "cli" / "model.safetensors")
     callback = merged_weights(out / "trainer")

@@ -140,7 +140,7 @@ def cmd_merge(args) -> int:
     summary = {"output_dir": out, "report": os.path.join(out, REPORT_NAME), "verified": report.verified,
                "max_abs_logit_diff": report.max_abs_logit_diff, "logit_tolerance": report.logit_tolerance,
                "reload_max_abs_logit_diff": report.reload_max_abs_logit_diff,
-               "input_embeddings_bit_identical": report.input_embeddings_bit_identical, "actions": report.actions,
+               "untrained_input_embeddings_bit_identical": report.untrained_input_embeddings_bit_identical, "actions": report.actions,
                "warnings": report.warnings}
     _out(json.dumps(summary, indent=2))
     return EXIT_OK
@@ -184,10 +184,13 @@ def cmd_report(args) -> int:
     from .run_report import render_report
 
     try:
-        path = render_report(args.run_dir, args.out)
+        path, summary = render_report(args.run_dir, args.out, run=args.run)
     except ImportError as exc:  # the [report] extra (matplotlib) is missing: say the pip install line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if len(summary["runs"]) > 1:
+        print(f"drew run {summary['run_id']} ({summary['run_index']} of {len(summary['runs'])} in "
+              f"{args.run_dir}: {', '.join(summary['runs'])}; pick another with --run)", file=sys.stderr)
     _out(str(path))
     return EXIT_OK
 
@@ -236,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("report", "PNG report of a run from its tie_guard_events.jsonl")
     s.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
     s.add_argument("--out", help="PNG path (default RUN_DIR/tie_guard_report.png)")
+    s.add_argument("--run", help="which run of RUN_DIR to draw when several wrote there: a run id, or 1-based index "
+                                 "(-1: the last, the default)")
     s.set_defaults(func=cmd_report)
     return p
 

@@ -40,6 +40,11 @@ class TieGuardConfig:
     merged_dir: str = field(
         default="merged", metadata={"help": "Where the merged model goes, relative to TrainingArguments.output_dir."}
     )
+    overwrite_merged: bool = field(
+        default=False,
+        metadata={"help": "Replace a merged model that an earlier run left in merged_dir. Without it a run whose "
+                  "merged_dir is not empty stops at train begin (before any step), so nothing is lost."},
+    )
     verify_reload: bool = field(
         default=True, metadata={"help": "After saving the merged model, reload it and verify again."}
     )

@@ -56,10 +56,14 @@ class EventLog:
             :func:`tie_guard.sinks.resolve_sinks`.
         log: also send messages to Python logging (``False`` on non-main ranks, so that each event is reported
             once per run, by the main process).
+        run_id: written into every JSONL record (``"run_id"``), so that runs appended to one file (a rerun into the
+            same ``output_dir``) stay apart; default :func:`new_run_id`.
     """
 
-    def __init__(self, jsonl_path: str | os.PathLike | None = None, sinks=(), log: bool = True):
+    def __init__(self, jsonl_path: str | os.PathLike | None = None, sinks=(), log: bool = True,
+                 run_id: str | None = None):
         self.log = log
+        self.run_id = run_id or new_run_id()
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         self.sinks = list(sinks)
         self.events: list[Event] = []
@@ -76,7 +80,7 @@ class EventLog:
             logger.log(_LEVELS.get(level, logging.INFO), "[tie_guard step %d] %s", ev.step, message)
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(ev.to_json(), default=str) + "\n")
+                f.write(json.dumps({"run_id": self.run_id, **ev.to_json()}, default=str) + "\n")
                 f.flush()
         for sink in self.sinks:
             sink.log_event(ev, table=table)
@@ -86,7 +90,8 @@ class EventLog:
         """Final values for each sink's run summary (``tie_guard/<key>``) and a ``summary`` JSONL record."""
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps({"time": time.time(), "step": values.get("step"), "event": "summary", "level": "info",
+                f.write(json.dumps({"run_id": self.run_id, "time": time.time(), "step": values.get("step"),
+                                    "event": "summary", "level": "info",
                                     "message": "", "metrics": {}, "data": values}, default=str) + "\n")
         for sink in self.sinks:
             sink.summary(values)
@@ -95,6 +100,31 @@ class EventLog:
         """Flush the sinks and close what they opened themselves (never the Trainer's or accelerator's runs)."""
         for sink in self.sinks:
             sink.finish()
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time and does not collide: ``"20261201-120304-a1b2c3"``."""
+    import secrets
+
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def split_runs(events: list[dict]) -> list[list[dict]]:
+    """The runs of one events file, oldest first: by ``run_id``; records without one (files written before run
+    ids existed) start a new run at each ``capture`` event."""
+    runs: list[list[dict]] = []
+    ids: list = []
+    for e in events:
+        rid = e.get("run_id")
+        if rid is None:
+            if e.get("event") == "capture" or not runs:
+                runs.append([])
+                ids.append(None)
+        elif rid not in ids:
+            runs.append([])
+            ids.append(rid)
+        runs[ids.index(rid) if rid is not None else len(runs) - 1].append(e)
+    return runs
 
 
 def read_events(path: str | os.PathLike) -> list[dict]:

@@ -89,7 +89,15 @@ class TieGuard:
 
         Raises:
             TieGuardError: ranks see different tie groups (distributed runs).
+            FileExistsError: ``merged_dir`` holds an earlier run's output and ``overwrite_merged`` is False.
         """
+        merged = self.output_dir / self.config.merged_dir
+        if (self.config.merge_at_end and isinstance(model, PeftModel) and not self.config.overwrite_merged
+                and merged.is_dir() and any(merged.iterdir())):
+            raise FileExistsError(
+                f"{merged} already holds the merged model of an earlier run, which this run's merge would replace. "
+                "Fix: pass overwrite_merged=True (TieGuardConfig / --overwrite_merged true) to replace it, or choose "
+                "another output_dir or merged_dir.")
         main = self.main_process
         sinks = resolve_sinks(self.config, self.output_dir, self.report_to, self.accelerator) if main else []
         jsonl = self.output_dir / self.config.events_file if (main and self.config.events_file) else None
@@ -289,7 +297,7 @@ class TieGuard:
             "merge/max_abs_logit_diff": report.max_abs_logit_diff,
             "merge/logits_match": int(report.logits_match),
             "merge/logit_tolerance": report.logit_tolerance,
-            "merge/input_embeddings_bit_identical": int(report.input_embeddings_bit_identical),
+            "merge/untrained_input_embeddings_bit_identical": int(report.untrained_input_embeddings_bit_identical),
             "merge/seconds": sum(report.seconds.values()),
         }
         if report.reload_max_abs_logit_diff is not None:
@@ -298,7 +306,7 @@ class TieGuard:
             "merge", step, "info",
             f"verified merge ({report.tie_policy}) saved to {out}: max |Δlogit| {report.max_abs_logit_diff:.3g} "
             f"(tolerance {report.logit_tolerance:.3g}), input embeddings bit-identical: "
-            f"{report.input_embeddings_bit_identical}; " + "; ".join(report.actions),
+            f"{report.untrained_input_embeddings_bit_identical}; " + "; ".join(report.actions),
             metrics=metrics, data={"report": report.to_dict()},
         )
         return {**metrics, "merge/verified": True, "merged_dir": str(out)}

@@ -287,7 +287,7 @@ def resolve_init_rewrites(peft_model, merged: nn.Module, groups: list[TieGroup],
         shift = logits.max_abs_diff(adapter_run)
         # Against the pretrained value where it is known exactly; a rebuilt value stays compared with W_res.
         report.input_embeddings = [
-            _embedding_check(e.name, originals[e.name], merged.get_parameter(e.name), e.adapter_trains_it)
+            _embedding_check(e.name, originals[e.name], merged.get_parameter(e.name), e.trained_by_adapter)
             if e.name in originals else e for e in report.input_embeddings
         ]
         for d in report.base_rewritten_by_init:

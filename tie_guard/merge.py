@@ -29,20 +29,22 @@ REPORT_NAME = "tie_guard_merge_report.json"
 
 @dataclass
 class EmbeddingCheck:
-    """What the merge did to one input embedding (vocab × hidden).
+    """What the merge did to one input embedding (vocab × hidden), compared with the base model's weight.
 
     Attributes:
         name: canonical parameter name.
-        bit_identical: merged weight equals the pre-merge weight bit for bit.
-        adapter_trains_it: the adapter itself changes this input embedding (LoRA on it, trainable tokens,
-            a ``modules_to_save`` copy), so a change is expected.
-        rows_changed: number of vocabulary rows that differ from the pre-merge weight.
-        max_abs_change: largest |Δ| of any element (0.0 when bit-identical).
+        equals_base: the merged weight equals the base (pre-merge) weight bit for bit. Required when the adapter
+            does not train this embedding; when it does (``trained_by_adapter``), False is expected and what the
+            merged model must match is the trained value, which the logit check verifies.
+        trained_by_adapter: the adapter itself changes this input embedding (LoRA on it, trainable tokens,
+            a ``modules_to_save`` copy).
+        rows_changed: vocabulary rows that differ from the base weight (-1 when the shapes differ).
+        max_abs_change: largest |Δ| from the base weight of any element (0.0 when equal).
     """
 
     name: str
-    bit_identical: bool
-    adapter_trains_it: bool
+    equals_base: bool
+    trained_by_adapter: bool
     rows_changed: int
     max_abs_change: float
 
@@ -75,7 +77,7 @@ class MergeReport:
             encoder/decoder ``embed_tokens`` after an untie of ``lm_head``.
         output_dir: where the merged model was saved (``None`` when not saved).
         reload_max_abs_logit_diff: max |logit_reloaded − logit_merged| after save → reload.
-        reload_input_embeddings_bit_identical: every input embedding after reload equals the merged model's
+        reload_input_embeddings_match_merged: every input embedding after reload equals the merged model's
             bit for bit (which the in-memory check compared with the pre-merge value).
         verified: every check the policy requires passed (``False`` only inside a
             :class:`MergeVerificationError`): for ``"untie"``/``"error"`` logits match and untrained input
@@ -107,7 +109,7 @@ class MergeReport:
     saved_copies: list[dict] = field(default_factory=list)
     output_dir: str | None = None
     reload_max_abs_logit_diff: float | None = None
-    reload_input_embeddings_bit_identical: bool | None = None
+    reload_input_embeddings_match_merged: bool | None = None
     verified: bool = False
     base_rewritten_by_init: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -115,15 +117,15 @@ class MergeReport:
     seconds: dict = field(default_factory=dict)
 
     @property
-    def input_embeddings_bit_identical(self) -> bool:
+    def untrained_input_embeddings_bit_identical(self) -> bool:
         """Every input embedding the adapter does not train is bit-identical to its pre-merge value, and to the
         pretrained value where a LoRA init had rewritten it (``base_rewritten_by_init``)."""
-        return (all(e.bit_identical for e in self.input_embeddings if not e.adapter_trains_it)
+        return (all(e.equals_base for e in self.input_embeddings if not e.trained_by_adapter)
                 and all(r["restored"] == "original" for r in self.base_rewritten_by_init))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["input_embeddings_bit_identical"] = self.input_embeddings_bit_identical
+        d["untrained_input_embeddings_bit_identical"] = self.untrained_input_embeddings_bit_identical
         return d
 
 
@@ -616,8 +618,8 @@ def safe_merge_and_unload(
             f"merged logits differ from the adapter model's by {report.max_abs_logit_diff:.3g} "
             f"(tolerance {report.logit_tolerance:.3g} for {dtype})"
         )
-    if tie_policy != "keep_tied" and not report.input_embeddings_bit_identical:
-        bad = [e.name for e in report.input_embeddings if not e.bit_identical and not e.adapter_trains_it]
+    if tie_policy != "keep_tied" and not report.untrained_input_embeddings_bit_identical:
+        bad = [e.name for e in report.input_embeddings if not e.equals_base and not e.trained_by_adapter]
         report.failures.append(f"input embeddings changed by the merge: {', '.join(bad)}")
     report.seconds["verify"] = time.perf_counter() - t1
     if report.failures:
@@ -760,7 +762,7 @@ def _save_and_check(merged, merged_run: ProbeRun, probe, tokenizer, out: Path, o
                 want = merged.get_parameter(e.name)  # already checked against the pre-merge value
                 got = reloaded.get_parameter(e.name)
                 ok &= got.shape == want.shape and torch.equal(got, want)
-            report.reload_input_embeddings_bit_identical = ok
+            report.reload_input_embeddings_match_merged = ok
             # Every tensor that was in a tie group (biases included) must come back as saved, not re-initialised.
             members = sorted({row["member"] for row in report.groups_before})
             lost = [n for n in members if not _same_tensor_values(merged, reloaded, n)]

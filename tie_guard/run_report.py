@@ -4,20 +4,38 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .events import read_events
+from .events import read_events, split_runs
 
 _LEVEL_Y = {"debug": 0, "info": 1, "warning": 2, "error": 3}
 _LEVEL_COLOR = {"debug": "#999999", "info": "#1f77b4", "warning": "#ff7f0e", "error": "#d62728"}
 
 
-def summarize_events(events: list[dict]) -> dict:
-    """Divergence series per group, timeline points and the last merge result of one events file.
+def summarize_events(events: list[dict], run: str | int | None = None) -> dict:
+    """Divergence series per group, timeline points and the last merge result of one run of an events file.
 
-    When the file holds several runs (a rerun into the same output dir appends), only the last run (from its last
-    ``capture`` event) is used.
+    A file holds every run written into the same ``output_dir`` (each record carries its ``run_id``,
+    :func:`tie_guard.events.split_runs`). ``run``: ``None`` for the last, a 1-based index (negative counts from
+    the end) or a run id.
+
+    Raises:
+        ValueError: no such run (the message lists the runs in the file).
     """
-    starts = [i for i, e in enumerate(events) if e.get("event") == "capture"]
-    events = events[starts[-1]:] if starts else events
+    runs = split_runs(events)
+    ids = [r[0].get("run_id") or f"#{i + 1}" for i, r in enumerate(runs)]
+    if not runs:
+        index = 0
+    elif run is None:
+        index = len(runs) - 1
+    elif isinstance(run, int) or str(run).lstrip("-").isdigit():
+        k = int(run)
+        index = k - 1 if k > 0 else len(runs) + k
+        if not 0 <= index < len(runs):
+            raise ValueError(f"run {run} not in this file: it holds {len(runs)} run(s): {', '.join(ids)}")
+    elif run in ids:
+        index = ids.index(run)
+    else:
+        raise ValueError(f"no run {run!r} in this file; runs: {', '.join(ids)}")
+    events = runs[index] if runs else []
     series: dict[str, list[tuple[int, float]]] = {}
     timeline = []
     merge = None
@@ -29,29 +47,40 @@ def summarize_events(events: list[dict]) -> dict:
             timeline.append((e.get("step") or 0, e.get("level") or "info", e.get("event"), e.get("message", "")))
         if e.get("event") == "merge":
             merge = e
-    return {"series": series, "timeline": timeline, "merge": merge}
+    return {"series": series, "timeline": timeline, "merge": merge, "run_id": ids[index] if runs else None,
+            "run_index": index + 1, "runs": ids}
 
 
-def render_report(run_dir: str | Path, out: str | Path | None = None, events_file: str = "tie_guard_events.jsonl") -> Path:
-    """Write a PNG report of ``run_dir/events_file`` (default ``run_dir/tie_guard_report.png``).
+def render_report(run_dir: str | Path, out: str | Path | None = None, events_file: str = "tie_guard_events.jsonl",
+                  run: str | int | None = None) -> tuple[Path, dict]:
+    """Write a PNG report of one run of ``run_dir/events_file`` (default ``run_dir/tie_guard_report.png``; the
+    last run, see :func:`summarize_events` for ``run``).
 
+    Returns:
+        ``(png_path, summary)``; ``summary["run_id"]`` / ``["runs"]`` say which run was drawn and which exist.
     Raises:
         FileNotFoundError: no events file in ``run_dir``.
-        ImportError: matplotlib is not installed (the message gives ``pip install "tie_guard[report]"``).
+        ValueError: no such run.
+        ImportError: matplotlib (the ``[report]`` extra) is not installed, with the pip line.
     """
-    from .sinks.base import require_extra
-
-    matplotlib = require_extra("matplotlib", "tie-guard report (the PNG run report)", "report")
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError('the PNG report needs matplotlib: pip install "tie_guard[report]"') from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     path = run_dir / events_file
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point at a run's output_dir written by TieGuardCallback")
-    s = summarize_events(read_events(path))
+    s = summarize_events(read_events(path), run)
     out = Path(out) if out else run_dir / "tie_guard_report.png"
+    steps = [st for pts in s["series"].values() for st, _ in pts] + [st for st, *_ in s["timeline"]] or [0]
+    lo, hi = min(steps), max(steps)
+    pad = max(1.0, 0.08 * (hi - lo))  # room for the labels at both ends, and a visible axis for a 1-step run
 
     fig, axes = plt.subplots(3, 1, figsize=(10, 10), gridspec_kw={"height_ratios": [3, 2, 1.4]})
     ax = axes[0]
@@ -59,23 +88,27 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, events_fil
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o", label=name)
     ax.set_title("divergence of effective output embedding from input embedding  ‖W_out − W_in‖_F / ‖W_in‖_F")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("relative divergence")
     if s["series"]:
         ax.legend(title="tie group")
     else:
         ax.text(0.5, 0.5, "no divergence recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
 
     ax = axes[1]
+    stacked: dict[tuple[int, str], int] = {}
     for step, level, kind, _ in s["timeline"]:
-        ax.scatter(step, _LEVEL_Y.get(level, 1), color=_LEVEL_COLOR.get(level, "k"), s=60)
-        ax.annotate(kind, (step, _LEVEL_Y.get(level, 1)), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        y = _LEVEL_Y.get(level, 1)
+        k = stacked[(step, level)] = stacked.get((step, level), -1) + 1  # several events at one step: stack labels
+        ax.scatter(step, y, color=_LEVEL_COLOR.get(level, "k"), s=60)
+        ax.annotate(kind, (step, y), textcoords="offset points", xytext=(5, 6 + 11 * k), fontsize=8)
     ax.set_yticks(list(_LEVEL_Y.values()), list(_LEVEL_Y))
-    ax.set_ylim(-0.5, 3.8)
-    ax.set_xlabel("optimizer step")
+    ax.set_ylim(-0.5, 4.3)
     ax.set_title("events")
-    ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.set_xlim(lo - 0.5 * pad, hi + 1.5 * pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
 
     ax = axes[2]
     ax.axis("off")
@@ -91,12 +124,15 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, events_fil
                 f"max |Δlogit| merged vs adapter: {rep.get('max_abs_logit_diff', float('nan')):.3g} "
                 f"(tolerance {rep.get('logit_tolerance', float('nan')):.3g});  after reload: "
                 f"{rep.get('reload_max_abs_logit_diff')}\n"
-                f"input embeddings bit-identical: {rep.get('input_embeddings_bit_identical')}\n"
+                "input embeddings the adapter does not train, bit-identical to the base: "
+                f"{rep.get('untrained_input_embeddings_bit_identical')}\n"
                 + "\n".join(rep.get("actions", [])[:3]))
         ax.set_facecolor("#e8f5e9" if verified else "#ffebee")
     ax.text(0.01, 0.95, text, va="top", ha="left", fontsize=9, family="monospace", transform=ax.transAxes, wrap=True)
-    fig.suptitle(f"tie_guard report: {run_dir.name}")
+    which = f"run {s['run_id']}" + (f" ({s['run_index']} of {len(s['runs'])} in this directory)"
+                                    if len(s["runs"]) > 1 else "")
+    fig.suptitle(f"tie_guard report: {run_dir.resolve().name} — {which}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return out
+    return out, s
