@@ -114,6 +114,8 @@ def load_adapter(model, adapter_dir: str):
     from peft import PeftModel
     from safetensors import SafetensorError
 
+    from .quiet import known_warnings_silenced
+
     fix = ("Fix: pass the directory written by peft's save_pretrained / trainer.save_model (it holds "
            "adapter_config.json and adapter_model.safetensors).")
     if not Path(adapter_dir).exists():
@@ -123,7 +125,8 @@ def load_adapter(model, adapter_dir: str):
     # PEFT (0.21) reads adapter_model.safetensors, or adapter_model.bin with torch.load(weights_only=True):
     # no pickled code is ever executed.
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+        with known_warnings_silenced():
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
     except (SafetensorError, pickle.UnpicklingError, EOFError) as exc:
         raise ValueError(f"cannot read the adapter weights in {adapter_dir} ({type(exc).__name__}: {exc}). The file is "
                          "truncated, corrupt, or a pickle holding more than tensors (refused: only weights are "
