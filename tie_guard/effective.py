@@ -21,6 +21,7 @@ modules are never written.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -44,7 +45,8 @@ class EffectiveWeight:
         base: the base weight ``W`` (read only).
         kind: ``"zero"`` (no change), ``"lowrank"`` (``W + Σ U_i @ V_i``), ``"rows"`` (some rows replaced),
             ``"dense"`` (anything else: a full tensor or a function building one).
-        lowrank: for ``"lowrank"``: ``[(U, V)]`` with ``U``: rows × r and ``V``: r × cols, scaling folded into ``U``.
+        lowrank: for ``"lowrank"``: ``[(U, V)]`` with ``U``: rows × r and ``V``: r × cols, scaling folded into ``V`` (the
+            small factor: no rows × r copy is made per check).
         row_index / row_values: for ``"rows"``: replaced row indices (k,) and their new values (k × cols).
         full: for ``"dense"``: a function returning the full effective weight (may allocate rows × cols).
 
@@ -168,11 +170,11 @@ def _apply(part: AdapterPart, w: torch.Tensor, attr: str) -> EffectiveWeight:
                 b = layer.lora_B[name].weight.detach()  # out × r
                 if a.dim() != 2 or b.dim() != 2:  # conv LoRA
                     return _dense_via_peft(w, part)
-                terms.append((b * scale, a))
+                terms.append((b, a * scale))
             else:
                 a = layer.lora_embedding_A[name].detach()  # r × num_embeddings
                 b = layer.lora_embedding_B[name].detach()  # dim × r
-                terms.append((a.T * scale, b.T))
+                terms.append((a.T, b.T * scale))
         return EffectiveWeight(base=w, kind="lowrank", lowrank=terms)
     if part.kind == "adalora":
         return _adalora(w, part, attr)
@@ -198,7 +200,7 @@ def _lora_bias(b: torch.Tensor, layer: nn.Module, names: list[str]) -> Effective
 
 def _adalora(w: torch.Tensor, part: AdapterPart, attr: str) -> EffectiveWeight:
     """AdaLoRA's ``SVDLinear``: ``ΔW = B @ (A ⊙ E) · scaling / (ranknum + 1e-5)`` as one low-rank term
-    (``U = B · scaling / (ranknum + 1e-5)``: out × r, ``V = A ⊙ E``: r × in); AdaLoRA has no bias term."""
+    (``U = B``: out × r, ``V = (A ⊙ E) · scaling / (ranknum + 1e-5)``: r × in); AdaLoRA has no bias term."""
     layer = part.wrapper
     names = [n for n in part.adapter_names if n in layer.lora_A]
     if attr != "weight" or not names:
@@ -208,7 +210,7 @@ def _adalora(w: torch.Tensor, part: AdapterPart, attr: str) -> EffectiveWeight:
     terms = []
     for name in names:
         factor = layer.scaling[name] / (layer.ranknum[name].detach() + 1e-5)
-        terms.append((layer.lora_B[name].detach() * factor, layer.lora_A[name].detach() * layer.lora_E[name].detach()))
+        terms.append((layer.lora_B[name].detach(), layer.lora_A[name].detach() * layer.lora_E[name].detach() * factor))
     return EffectiveWeight(base=w, kind="lowrank", lowrank=terms)
 
 
@@ -269,7 +271,16 @@ def all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in ``t``, checked in ``CHUNK_ROWS``-row chunks (``torch.isfinite`` on a whole vocab × hidden
     matrix allocates ~1.7 × its bytes in temporaries)."""
     flat = t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(-1, 1)
-    return all(bool(torch.isfinite(flat[i: i + CHUNK_ROWS]).all()) for i in range(0, flat.shape[0], CHUNK_ROWS))
+    return all(slice_finite(flat[i: i + CHUNK_ROWS]) for i in range(0, flat.shape[0], CHUNK_ROWS))
+
+
+def slice_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: one sum (a single pass, no temporary; any NaN/Inf makes it non-finite), and the exact
+    ``torch.isfinite`` test only when the sum is not finite (NaN/Inf present, or finite values overflowing it)."""
+    with torch.no_grad():
+        if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+            return True
+        return bool(torch.isfinite(t).all())
 
 
 def lowrank_sq_norm(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -597,36 +597,38 @@ def safe_merge_and_unload(
         report.seconds["probe_adapter"] = time.perf_counter() - t_probe
         tied = frozenset(n for g in groups for n in g.names)
         merged = _build_merged(peft_model, base_params, inplace, tied)
-    _resolve_ties(merged, groups, tie_policy, report)
-    _restore_use_cache(merged.config, report)
-    report.tie_flags_after = tie_flags(merged.config)
-    report.seconds["merge"] = time.perf_counter() - t0 - report.seconds["probe_adapter"]
+        # Still inside: the adapter model's head outputs are produced chunk by chunk during the comparison, with
+        # the merged adapters active.
+        _resolve_ties(merged, groups, tie_policy, report)
+        _restore_use_cache(merged.config, report)
+        report.tie_flags_after = tie_flags(merged.config)
+        report.seconds["merge"] = time.perf_counter() - t0 - report.seconds["probe_adapter"]
 
-    phase("verify")
-    t1 = time.perf_counter()
-    merged_run = ProbeRun(merged, probe)
-    report.max_abs_logit_diff = merged_run.max_abs_diff(adapter_run)
-    report.logit_tolerance = logit_tolerance(dtype, adapter_run.max_abs())
-    report.logits_match = report.max_abs_logit_diff <= report.logit_tolerance
-    pre = {bp.name: bp.param for bp in base_params}
-    trained = _input_embedding_names(groups)
-    report.input_embeddings = [
-        _embedding_check(n, pre[n], merged.get_parameter(n), trained[n]) for n in trained if n in pre
-    ]
-    if tie_policy != "keep_tied" and not report.max_abs_logit_diff <= report.logit_tolerance:
-        report.failures.append(
-            f"merged logits differ from the adapter model's by {report.max_abs_logit_diff:.3g} "
-            f"(tolerance {report.logit_tolerance:.3g} for {dtype})"
-        )
-    if tie_policy != "keep_tied" and not report.untrained_input_embeddings_bit_identical:
-        bad = [e.name for e in report.input_embeddings if not e.equals_base and not e.trained_by_adapter]
-        report.failures.append(f"input embeddings changed by the merge: {', '.join(bad)}")
-    report.seconds["verify"] = time.perf_counter() - t1
-    if report.failures:
-        raise MergeVerificationError(_failure_message(report), report)
-    restored_run = resolve_init_rewrites(peft_model, merged, groups, base_params, names, probe, adapter_run,
-                                            report, original_base, initial_adapter)
-    merged_run = merged_run if restored_run is None else restored_run
+        phase("verify")
+        t1 = time.perf_counter()
+        merged_run = ProbeRun(merged, probe)
+        report.max_abs_logit_diff = merged_run.max_abs_diff(adapter_run)
+        report.logit_tolerance = logit_tolerance(dtype, adapter_run.max_abs())
+        report.logits_match = report.max_abs_logit_diff <= report.logit_tolerance
+        pre = {bp.name: bp.param for bp in base_params}
+        trained = _input_embedding_names(groups)
+        report.input_embeddings = [
+            _embedding_check(n, pre[n], merged.get_parameter(n), trained[n]) for n in trained if n in pre
+        ]
+        if tie_policy != "keep_tied" and not report.max_abs_logit_diff <= report.logit_tolerance:
+            report.failures.append(
+                f"merged logits differ from the adapter model's by {report.max_abs_logit_diff:.3g} "
+                f"(tolerance {report.logit_tolerance:.3g} for {dtype})"
+            )
+        if tie_policy != "keep_tied" and not report.untrained_input_embeddings_bit_identical:
+            bad = [e.name for e in report.input_embeddings if not e.equals_base and not e.trained_by_adapter]
+            report.failures.append(f"input embeddings changed by the merge: {', '.join(bad)}")
+        report.seconds["verify"] = time.perf_counter() - t1
+        if report.failures:
+            raise MergeVerificationError(_failure_message(report), report)
+        restored_run = resolve_init_rewrites(peft_model, merged, groups, base_params, names, probe, adapter_run,
+                                             report, original_base, initial_adapter)
+        merged_run = merged_run if restored_run is None else restored_run
 
     if output_dir is not None:
         _save_and_check(merged, merged_run, probe, tokenizer, Path(output_dir), overwrite,

@@ -23,7 +23,7 @@ from .distributed import (
     local_views,
     world,
 )
-from .effective import all_finite, divergence_sq, effective_weight
+from .effective import all_finite, divergence_sq, effective_weight, slice_finite
 from .events import EventLog
 from .errors import UnsupportedAdapterError
 from .fingerprint import Fingerprint
@@ -248,7 +248,7 @@ class TieWatcher:
         end, offset = start + CHUNK_ELEMS, 0
         for t in tensors:
             lo, hi = max(start - offset, 0), min(end - offset, t.numel())
-            if lo < hi and not bool(torch.isfinite(t[lo:hi]).all()):
+            if lo < hi and not slice_finite(t[lo:hi]):
                 return False
             offset += t.numel()
         return True
