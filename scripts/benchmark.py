@@ -44,9 +44,22 @@ def fmt(s: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- models
+def synthetic(vocab: int):
+    """A tied Gemma3-text model with ONE decoder layer, hidden 640 (Gemma-3-270M's), random weights, ``vocab``
+    rows: the head dominates, and a training step is short, so tie_guard's fixed costs show."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=640, intermediate_size=2048, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 def load(name: str, smoke: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name.startswith("synthetic-"):
+        return synthetic(int(name.split("-")[1]) if not smoke else 4096), None
     if smoke:
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import tiny_model
@@ -145,14 +158,20 @@ def sample():
 th = threading.Thread(target=sample, daemon=True); th.start()
 t = time.perf_counter()
 extra = {{}}
+import tempfile
+out_dir = tempfile.mkdtemp()
 if variant == "peft":
     merged = pm.merge_and_unload()
+elif variant == "peft_save":
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(out_dir + "/m")
 elif variant == "naive":
     head = pm.get_base_model().lm_head
     head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)
     merged = pm.merge_and_unload()
 else:
-    merged, rep = safe_merge_and_unload(pm, inplace=variant == "tie_guard_inplace")
+    merged, rep = safe_merge_and_unload(pm, inplace=variant.startswith("tie_guard_inplace"),
+                                        output_dir=out_dir + "/m" if variant.endswith("_save") else None)
     extra = {{k: v for k, v in rep.seconds.items()}}
 dt = time.perf_counter() - t
 stop[0] = True; th.join()
@@ -160,10 +179,15 @@ print(json.dumps({{"seconds": dt, "peak_extra_bytes": peak[0] - start, **extra}}
 '''
 
 
-def bench_merge(name: str, repeats: int, smoke: bool, head_bytes: int) -> dict:
+MERGE_VARIANTS = ("peft", "naive", "tie_guard", "tie_guard_inplace", "peft_save", "tie_guard_inplace_save")
+
+
+def bench_merge(name: str, repeats: int, smoke: bool, head_bytes: int, variants=MERGE_VARIANTS) -> dict:
+    """Each variant in a fresh process, ``repeats`` times: wall time and peak extra RSS over the head's bytes.
+    ``*_save`` variants include writing the merged model (tie_guard's also reloads and re-verifies it)."""
     code = MERGE_CHILD.format(scripts=str(ROOT / "scripts"))
     out = {}
-    for variant in ("peft", "naive", "tie_guard", "tie_guard_inplace"):
+    for variant in variants:
         runs = []
         for _ in range(repeats):
             proc = subprocess.run([sys.executable, "-c", code, variant, name, "1" if smoke else "0"],
@@ -253,74 +277,166 @@ def bench_distributed(smoke: bool, out_dir: Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------- 6. vocab growth
+VOCABS = (49152, 131072, 262144)
+
+
+def bench_vocab(repeats: int, smoke: bool) -> dict:
+    """One-decoder-layer tied models (hidden 640) as the vocabulary grows: the per-step check at batch 1 × 64
+    (check_every=1) as % of a step, and the verified merge's time and peak memory against PEFT's."""
+    out = {}
+    for vocab in VOCABS:
+        name = f"synthetic-{vocab}"
+        model, _ = load(name, smoke)
+        head = model.lm_head.weight
+        head_bytes = head.numel() * head.element_size()
+        pm = lora(model)
+        v = model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        data = [torch.randint(0, v, (1, 64), generator=g) for _ in range(max(repeats, 5) + 1)]
+        from tie_guard import TieWatcher
+        from tie_guard.events import EventLog
+
+        watcher = TieWatcher(pm, EventLog())
+        watcher.capture()
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        step, check = [], []
+        pm.train()
+        for i, ids in enumerate(data):
+            t = time.perf_counter()
+            pm(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            dt = time.perf_counter() - t
+            t = time.perf_counter()
+            watcher.check(i + 1, divergence=False)  # emits its event, as in a run
+            dc = time.perf_counter() - t
+            if i:
+                step.append(dt), check.append(dc)
+        del pm, model, watcher, opt
+        out[str(vocab)] = {"head_bytes": head_bytes, "step_s": stats(step), "check_s": stats(check),
+                           "share": stats([c / s for c, s in zip(check, step)]),
+                           "merge": bench_merge(name, repeats, smoke, head_bytes,
+                                                ("peft", "tie_guard_inplace", "tie_guard"))}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny random models, one repeat: checks the script runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="outputs/benchmark.json")
+    ap.add_argument("--sections", default="models,job,ranks,vocab",
+                    help="comma-separated: models (watch, merge, fingerprint on the real models), job, ranks, vocab")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
     repeats = 1 if args.smoke else args.repeats
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     models = ["smollm2-135m-instruct", "gemma-3-270m"]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads", "smoke": args.smoke, "models": {}}
-    for name in models:
+    for name in models if "models" in sections else ():
         w = bench_watch(name, max(repeats, 3) if not args.smoke else 2, args.smoke)
         w["merge"] = bench_merge(name, repeats if not args.smoke else 1, args.smoke, w["head_bytes"])
         w["fingerprint"] = bench_fingerprint(name, repeats, args.smoke)
         result["models"][name] = w
-    result["job"] = bench_job(args.smoke, out.parent)
-    result["ranks"] = bench_distributed(args.smoke, out.parent)
+    if "job" in sections:
+        result["job"] = bench_job(args.smoke, out.parent)
+    if "ranks" in sections:
+        result["ranks"] = bench_distributed(args.smoke, out.parent)
+    if "vocab" in sections:
+        result["vocab"] = bench_vocab(repeats, args.smoke)
     out.write_text(json.dumps(result, indent=2))
     print(render(result))
     print(f"\nJSON: {out}")
 
 
+def _ratio(a: dict, b: dict) -> str:
+    """median(a) / median(b), with the spread of the per-run extremes."""
+    return f"{a['median'] / b['median']:.2f} × [{a['min'] / b['max']:.2f}, {a['max'] / b['min']:.2f}]"
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
 def render(r: dict) -> str:
-    m = r["models"]
+    m = r.get("models", {})
     names = list(m)
     lines = [f"Measured {r['date']} on {r['machine']}{' (SMOKE: tiny models)' if r['smoke'] else ''}; "
-             "median [min, max].", "",
-             "| figure | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+             "median [min, max].", ""]
+    if names:
+        lines += ["| figure | target | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
 
     def row(label, target, f):
         lines.append(f"| {label} | {target} | " + " | ".join(f(m[n]) for n in names) + " |")
 
-    row("vocab × hidden", "", lambda x: f"{x['vocab']} × {x['hidden']}")
-    row("LoRA training step (s)", "", lambda x: fmt(x["step_s"]))
-    row("tie_guard check, % of step", "≤ 0.5 %", lambda x: fmt({k: v / x["step_s"]["median"] * 100 if k != "n" else v
-                                                                for k, v in x["check_s"].items()}) + " %")
-    row("tie_guard check (ms)", "flat in vocab", lambda x: fmt(x["check_s"], 1e3))
-    row("check + exact divergence (ms)", "", lambda x: fmt(x["check_with_divergence_s"], 1e3))
-    row("naive guard: torch.equal per step (ms)", "", lambda x: fmt(x["naive_check_s"], 1e3))
-    row("merge time: PEFT merge_and_unload (s)", "", lambda x: fmt(x["merge"]["peft"]["seconds"]))
-    row("merge time: tie_guard inplace merge phase (s)", "≤ 1.0 × PEFT",
-        lambda x: fmt(x["merge"]["tie_guard_inplace"]["merge_phase_seconds"]))
-    row("merge time: tie_guard merge phase, adapter kept (s)", "",
-        lambda x: fmt(x["merge"]["tie_guard"]["merge_phase_seconds"]))
-    row("merge time: tie_guard inplace incl. verification (s)", "",
-        lambda x: fmt(x["merge"]["tie_guard_inplace"]["seconds"]))
-    row("merge time: naive clone-then-merge (s)", "", lambda x: fmt(x["merge"]["naive"]["seconds"]))
-    row("peak extra RSS × head bytes: PEFT", "", lambda x: fmt(x["merge"]["peft"]["peak_extra_x_head"]))
-    row("peak extra RSS × head bytes: tie_guard inplace (CLI)", "≤ 1.1 ×",
-        lambda x: fmt(x["merge"]["tie_guard_inplace"]["peak_extra_x_head"]))
-    row("peak extra RSS × head bytes: tie_guard, adapter kept (callback)", "",
-        lambda x: fmt(x["merge"]["tie_guard"]["peak_extra_x_head"]))
-    row("peak extra RSS × head bytes: naive", "", lambda x: fmt(x["merge"]["naive"]["peak_extra_x_head"]))
-    row("fingerprint GB/s (vs copy GB/s)", "≥ 0.5 × copy", lambda x: f"{fmt(x['fingerprint']['fingerprint_GBps'])} "
-        f"({fmt(x['fingerprint']['copy_GBps'])}) = {x['fingerprint']['ratio']['median']:.2f} ×")
-    a, b = m[names[1]]["check_s"]["median"], m[names[0]]["check_s"]["median"]
-    lines.append(f"| check cost {names[1]} / {names[0]} | ≤ 1.2 × | {a / b:.2f} × | |")
-    j = r["job"]
-    lines.append(f"| tie_guard share of a 10-step SmolLM2 job | ≤ 5 % | {j['share'] * 100:.2f} % "
-                 f"({j['tie_guard_s']:.1f} s of {j['wall_s']:.0f} s; merge+verify {j['merge_s']:.1f} s) | |")
-    d = r["ranks"]
-    lines.append("| tie_guard check on 1 / 2 ranks (ms; SmolLM2 Accelerate loop, with divergence) | "
-                 f"≤ 0.5 % of a step | {fmt(d['1']['check_s'], 1e3)} / {fmt(d['2']['check_s'], 1e3)} | |")
-    lines.append("| … as % of a step on 1 / 2 ranks | ≤ 0.5 % | "
-                 f"{d['1']['share']['median'] * 100:.3f} % / {d['2']['share']['median'] * 100:.3f} % | |")
+    def verified_vs_peft(x, ours="tie_guard_inplace", theirs="peft", target=1.0):
+        a, b = x["merge"][ours]["seconds"], x["merge"][theirs]["seconds"]
+        return f"{_ratio(a, b)} {_mark(a['median'] <= target * b['median'])}"
+
+    def peak(x, variant, target=1.1):
+        p = x["merge"][variant]["peak_extra_x_head"]
+        return fmt(p) + (f" {_mark(p['median'] <= target)}" if target else "")
+
+    if names:
+        row("vocab × hidden", "", lambda x: f"{x['vocab']} × {x['hidden']}")
+        row("LoRA training step (s)", "", lambda x: fmt(x["step_s"]))
+        row("tie_guard check, % of step", "≤ 0.5 %",
+            lambda x: fmt({k: v / x["step_s"]["median"] * 100 if k != "n" else v for k, v in x["check_s"].items()})
+            + " %")
+        row("tie_guard check (ms)", "flat in vocab", lambda x: fmt(x["check_s"], 1e3))
+        row("check + exact divergence (ms)", "", lambda x: fmt(x["check_with_divergence_s"], 1e3))
+        row("naive guard: torch.equal per step (ms)", "", lambda x: fmt(x["naive_check_s"], 1e3))
+        row("PEFT merge_and_unload (s)", "", lambda x: fmt(x["merge"]["peft"]["seconds"]))
+        row("tie_guard verified merge, CLI path (merge + verification) (s)", "",
+            lambda x: fmt(x["merge"]["tie_guard_inplace"]["seconds"]))
+        row("… ÷ PEFT merge_and_unload", "≤ 1.0 ×", verified_vs_peft)
+        row("tie_guard verified merge, callback path (adapter kept) ÷ PEFT", "≤ 1.0 ×",
+            lambda x: verified_vs_peft(x, "tie_guard"))
+        row("tie_guard merge phase alone ÷ PEFT", "",
+            lambda x: _ratio(x["merge"]["tie_guard_inplace"]["merge_phase_seconds"], x["merge"]["peft"]["seconds"]))
+        row("PEFT merge + save_pretrained (s)", "", lambda x: fmt(x["merge"]["peft_save"]["seconds"]))
+        row("tie_guard merge + verification + save + reload check ÷ PEFT merge + save", "≤ 1.0 ×",
+            lambda x: verified_vs_peft(x, "tie_guard_inplace_save", "peft_save"))
+        row("naive clone-then-merge (s)", "", lambda x: fmt(x["merge"]["naive"]["seconds"]))
+        row("peak extra RSS × head bytes: PEFT", "", lambda x: peak(x, "peft", None))
+        row("peak extra RSS × head bytes: tie_guard verified merge, CLI path", "≤ 1.1 ×",
+            lambda x: peak(x, "tie_guard_inplace"))
+        row("peak extra RSS × head bytes: tie_guard verified merge, callback path", "≤ 1.1 ×",
+            lambda x: peak(x, "tie_guard"))
+        row("peak extra RSS × head bytes: naive", "", lambda x: peak(x, "naive", None))
+        row("fingerprint GB/s (vs copy GB/s)", "≥ 0.5 × copy", lambda x: f"{fmt(x['fingerprint']['fingerprint_GBps'])} "
+            f"({fmt(x['fingerprint']['copy_GBps'])}) = {x['fingerprint']['ratio']['median']:.2f} ×")
+        if len(names) > 1:
+            a, b = m[names[1]]["check_s"]["median"], m[names[0]]["check_s"]["median"]
+            lines.append(f"| check cost {names[1]} / {names[0]} | ≤ 1.2 × | {a / b:.2f} × | |")
+    if "job" in r:
+        j = r["job"]
+        lines.append(f"| tie_guard share of a 10-step SmolLM2 job | ≤ 5 % | {j['share'] * 100:.2f} % "
+                     f"({j['tie_guard_s']:.1f} s of {j['wall_s']:.0f} s; merge+verify {j['merge_s']:.1f} s) | |")
+    if "ranks" in r:
+        d = r["ranks"]
+        lines.append("| tie_guard check on 1 / 2 ranks (ms; SmolLM2 Accelerate loop, with divergence) | "
+                     f"≤ 0.5 % of a step | {fmt(d['1']['check_s'], 1e3)} / {fmt(d['2']['check_s'], 1e3)} | |")
+        lines.append("| … as % of a step on 1 / 2 ranks | ≤ 0.5 % | "
+                     f"{d['1']['share']['median'] * 100:.3f} % / {d['2']['share']['median'] * 100:.3f} % | |")
+    if "vocab" in r:
+        v = r["vocab"]
+        lines += ["", "One decoder layer, hidden 640, tied head; batch 1 × 64; LoRA r=16 on lm_head, q_proj, v_proj:",
+                  "", "| vocab | step (s) | check (ms) | check, % of step (≤ 0.5 %) | verified merge ÷ PEFT merge "
+                  "(CLI / callback) | peak extra RSS × head (CLI / callback; PEFT) |", "|---|---|---|---|---|---|"]
+        for vocab, x in v.items():
+            mg = x["merge"]
+            share = x["share"]["median"] * 100
+            lines.append(
+                f"| {vocab} | {fmt(x['step_s'])} | {fmt(x['check_s'], 1e3)} | {share:.3f} % {_mark(share <= 0.5)} | "
+                f"{_ratio(mg['tie_guard_inplace']['seconds'], mg['peft']['seconds'])} / "
+                f"{_ratio(mg['tie_guard']['seconds'], mg['peft']['seconds'])} | "
+                f"{mg['tie_guard_inplace']['peak_extra_x_head']['median']:.2f} / "
+                f"{mg['tie_guard']['peak_extra_x_head']['median']:.2f}; {mg['peft']['peak_extra_x_head']['median']:.2f} |")
     return "\n".join(lines)
 
 
