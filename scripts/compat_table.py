@@ -4,6 +4,8 @@
     .venv/bin/python scripts/compat_table.py results/compat.jsonl
     TIE_GUARD_RESULTS=results .venv/bin/python -m pytest tests/test_tuners.py
     .venv/bin/python scripts/compat_table.py --tuners results/tuners.jsonl
+    TIE_GUARD_RESULTS=results .venv/bin/python -m pytest tests/test_architectures.py -k test_family
+    .venv/bin/python scripts/compat_table.py --families results/families.jsonl
 """
 
 from __future__ import annotations
@@ -50,14 +52,37 @@ def render_tuners(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def render_families(rows: list[dict]) -> str:
+    """The per-family table from ``families.jsonl`` rows (``tests/test_architectures.py::test_family``): LoRA on each
+    family's output embedding, both tie policies, eval mode and dropout active, saved by ``output_dir`` and by the
+    user's own ``save_pretrained``."""
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        by.setdefault((r["kind"], r["family"]), {})[(r["policy"], r["mode"])] = r
+    out = ["| family | kind | tie group members | `untie`: max abs logit diff vs adapter (eval / dropout) "
+           "| after reload (`output_dir` / user's save) | equal copies made | `keep_tied`: logit shift |",
+           "|" + "---|" * 7]
+    for (kind, family), cells in sorted(by.items()):
+        u_e, u_d, k_e = cells.get(("untie", "eval")), cells.get(("untie", "dropout")), cells.get(("keep_tied", "eval"))
+        if not (u_e and u_d and k_e):
+            continue
+        out.append(f"| {family} | {kind} | {u_e['members']} | {_f(u_e['logit_diff'])} / {_f(u_d['logit_diff'])} "
+                   f"| {_f(u_e['reload_logit_diff_ours'])} / {_f(u_e['reload_logit_diff_user'])} | {u_e['copies']} "
+                   f"| {_f(k_e['logit_diff'])} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="compat.jsonl (tests/test_setups.py) or, with --tuners, tuners.jsonl")
-    ap.add_argument("--tuners", action="store_true", help="render the per-tuner table from tests/test_tuners.py")
+    ap.add_argument("results", help="compat.jsonl (tests/test_setups.py), or tuners.jsonl / families.jsonl")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--tuners", action="store_true", help="render the per-tuner table from tests/test_tuners.py")
+    group.add_argument("--families", action="store_true",
+                       help="render the per-family table from tests/test_architectures.py")
     args = ap.parse_args(argv)
     with open(args.results) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    print(render_tuners(rows) if args.tuners else render(rows))
+    print(render_tuners(rows) if args.tuners else render_families(rows) if args.families else render(rows))
 
 
 if __name__ == "__main__":
