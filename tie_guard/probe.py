@@ -18,9 +18,12 @@ float16     0.05    0.005
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import nn
+
+from .peft_layout import base_model_of
 
 LOGIT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-5),
@@ -94,7 +97,9 @@ def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     (dropout off), without gradients and without mixed-precision wrappers; the model's train/eval mode is
     restored afterwards. Encoder–decoder models get ``decoder_input_ids = input_ids``."""
     config = getattr(model, "config", None)
-    kwargs = {"input_ids": input_ids.to(model_device(model)), "use_cache": False}
+    kwargs = {"input_ids": input_ids.to(model_device(model))}
+    if _accepts(base_model_of(model), "use_cache"):  # transformers 4.x BertForMaskedLM.forward has no **kwargs
+        kwargs["use_cache"] = False
     if config is not None and getattr(config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = kwargs["input_ids"]
     # Call the class's forward, not an instance-level override: accelerate's ``prepare`` replaces
@@ -104,6 +109,11 @@ def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), eval_mode(model):
         out = forward(model, **kwargs)
     return out.logits.detach().float().cpu()
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    params = inspect.signature(type(model).forward).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
