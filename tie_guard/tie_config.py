@@ -45,8 +45,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 TIE_FLAG = "tie_word_embeddings"
 
+#: The installed transformers major version. A checkpoint folder written by one major is not always readable by
+#: the other (5.x writes ``"tokenizer_class": "TokenizersBackend"``, unknown to 4.x), so caches are kept per major.
+TRANSFORMERS_MAJOR = Version(transformers.__version__).major
 #: transformers ≥ 5: ties are a runtime ``{target: source}`` record (``all_tied_weights_keys``).
-TIE_RECORD = Version(transformers.__version__).major >= 5
+TIE_RECORD = TRANSFORMERS_MAJOR >= 5
 #: Whether ``from_pretrained`` keeps two declared-tied tensors that are both saved and differ (5.4+), instead of
 #: re-tying them (4.x: the source replaces the target).
 RELOAD_KEEPS_DIFFERING_TIES = Version(transformers.__version__) >= Version("5.4")
@@ -167,6 +170,8 @@ def _shell_ties(cls: type, config: PretrainedConfig) -> dict[str, str] | None:
     """
     key = (cls, config.to_json_string(use_diff=False))
     if key not in _SHELL_CACHE:
+        if len(_SHELL_CACHE) >= 64:
+            _SHELL_CACHE.clear()
         shell = _build_shell(cls, config)
         if shell is not None:
             for module in shell.modules():
