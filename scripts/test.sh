@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the whole test suite: unit tests on tiny models + integration tests on real
-# SmolLM2-135M-Instruct. Extra arguments go to pytest (e.g. -m "not integration").
+# Set up (scripts/setup.sh) and run the test suite on both supported stacks:
+#   1. current stack (.venv: transformers 5.x, PEFT 0.21): the whole suite, unit tests on tiny models and
+#      integration tests on real SmolLM2-135M-Instruct / Gemma-3-270M weights;
+#   2. old stack (.venv-old: transformers 4.57.6, PEFT 0.18.1): every unit test (every tie_guard module), plus the
+#      CLI tests, the distributed tests and the real-weights SmolLM2 tie-group test (marked `integration`).
+# TIE_GUARD_STACK=current or =old runs only that part. Extra arguments go to every pytest call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+STACKS=${TIE_GUARD_STACK:-current old}
+for stack in $STACKS; do
+  VENV=$(TIE_GUARD_STACK=$stack bash scripts/setup.sh | tee /dev/stderr | tail -n 1)
+  PYTEST=("$VENV/bin/python" -m pytest -q -p no:cacheprovider)
+  echo "== tests on the $stack stack ($VENV)"
+  if [ "$stack" = current ]; then
+    "${PYTEST[@]}" tests "$@"
+  else
+    "${PYTEST[@]}" -m "not integration" tests "$@"
+    "${PYTEST[@]}" -m integration tests/test_cli.py tests/test_distributed.py tests/test_groups.py "$@"
+  fi
+done

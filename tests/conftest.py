@@ -12,8 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import peft  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from transformers import (  # noqa: E402
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -78,6 +80,13 @@ def train_adapter_a_little(peft_model, steps: int = 5, lr: float = 5e-2, seed: i
         opt.zero_grad()
     peft_model.eval()
     return peft_model
+
+
+# PEFT < 0.19 (measured with 0.18.1) applies ensure_weight_tying to modules_to_save only (0.19+ also to LoRA targets
+# and trainable tokens), keeps a modules_to_save pair as two trained copies, and fails building
+# modules_to_save=["lm_head"] with it (PEFT_0_18_ENSURE_TYING_ERROR).
+PEFT_TIES_MODULES_TO_SAVE_ONLY = Version(peft.__version__) < Version("0.19")
+PEFT_0_18_ENSURE_TYING_ERROR = "'Embedding' object has no attribute 'modules_to_save'"
 
 
 @pytest.fixture(scope="session")

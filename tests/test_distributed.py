@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import PEFT_TIES_MODULES_TO_SAVE_ONLY, ROOT
 from distributed_worker import tiny_tied_llama
 from transformers import AutoModelForCausalLM
 from wandb_reader import find_run_dir, read_run
@@ -205,7 +205,11 @@ def test_fsdp2_other_peft_doors(launched):
     r0, r1 = ranks(out / "setups")
     for rec in (r0, r1):
         assert rec["trainable_tokens"] == {"divergence": {}, "findings": [], "status": "ok"}
-        assert rec["modules_to_save_tied"] == {"divergence": {"lm_head": 0.0}, "findings": [], "status": "ok"}
+        if PEFT_TIES_MODULES_TO_SAVE_ONLY:  # PEFT 0.18 trains the two copies separately: divergence measured
+            assert rec["modules_to_save_tied"]["divergence"]["lm_head"] > 0
+            assert rec["modules_to_save_tied"]["findings"] == [] and rec["modules_to_save_tied"]["status"] == "ok"
+        else:
+            assert rec["modules_to_save_tied"] == {"divergence": {"lm_head": 0.0}, "findings": [], "status": "ok"}
     for name in ("trainable_tokens", "modules_to_save_tied"):
         assert_verified_merge_of(out / "setups" / name)
     warnings = [e["message"] for e in read_events(out / "setups" / "trainable_tokens" / "tie_guard_events.jsonl")

@@ -28,6 +28,9 @@ from tie_guard.sinks import resolve_sinks  # noqa: E402
 PROJECT = "tie_guard_trackers_test"
 
 
+HAS_TRACKIO = importlib.util.find_spec("trackio") is not None
+
+
 def _dataset(n=16, seq=16, seed=0):
     ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
     return [{"input_ids": r, "labels": r} for r in ids]
@@ -50,7 +53,7 @@ def run(tmp_path_factory):
         pm = get_peft_model(tiny_model("llama_tied"), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
         args = TrainingArguments(
             output_dir=str(tmp / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-            report_to=["tensorboard", "mlflow", "trackio"], logging_steps=2, save_strategy="no", use_cpu=True,
+            report_to=["tensorboard", "mlflow"] + (["trackio"] if HAS_TRACKIO else []), logging_steps=2, save_strategy="no", use_cpu=True,
             seed=0, dataloader_num_workers=0, run_name=name, project=PROJECT,
         )
         cb = TieGuardCallback(check_every=2)
@@ -121,6 +124,8 @@ def test_mlflow_gets_metrics_table_and_final_tags_in_the_trainers_run(run):
     assert [row[member] for row in table["data"]] == ["model.embed_tokens.weight", "lm_head.weight"]
 
 
+@pytest.mark.skipif(not HAS_TRACKIO, reason="trackio needs huggingface-hub 1.x, which transformers 4.x refuses: "
+                    "not installed on the old stack")
 def test_trackio_gets_records_with_the_trainers_global_step(run):
     from trackio.sqlite_storage import SQLiteStorage
 

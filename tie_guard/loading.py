@@ -98,7 +98,8 @@ def load_model(source: str, dtype=None, trust_remote_code: bool = False, local_o
                                 f"({type(exc).__name__}: {exc}).") from exc
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
+        # no tokenizer files: transformers 5.x raises OSError/ValueError, 4.57 an AttributeError
         tok = None
     return model.eval(), tok
 

