@@ -7,6 +7,7 @@ reader. Nothing reaches the network.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile

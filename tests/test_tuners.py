@@ -297,7 +297,7 @@ def test_lora_bias_refusal_happens_before_the_probe(tmp_path, monkeypatch):
     import tie_guard.merge as merge
 
     calls = []
-    monkeypatch.setattr(merge, "probe_logits", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(merge, "ProbeRun", lambda *a, **k: calls.append(1))
     pm, _ = _build("LoRA lora_bias", TUNERS["LoRA lora_bias (lm_head only)"][0])
     with pytest.raises(UnsupportedAdapterError):
         safe_merge_and_unload(pm, output_dir=tmp_path / "m")
