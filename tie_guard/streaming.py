@@ -76,7 +76,7 @@ class StreamReport:
         input_embeddings_bit_identical: every input embedding written is byte-identical to the base's (checked by
             reading both files back).
         freivalds: per merged low-rank tensor, ``{"vectors": k, "max_err_over_tol": x}`` (x ≤ 1 passes).
-        end_to_end: ``{"max_abs_logit_diff", "logit_tolerance", "probe_shape", "offloaded"}`` or
+        end_to_end: ``{"max_abs_logit_diff", "logit_tolerance", "probe_shape", "decoder_layers"}`` or
             ``{"skipped": reason}``.
         verified: every check passed (``False`` only inside a :class:`MergeVerificationError`).
         seconds: wall time of ``plan``, ``write``, ``verify_tensors``, ``end_to_end``.
@@ -187,7 +187,8 @@ def _zero_byte_shell(config) -> nn.Module:
 
 def _adapter_model(shell: nn.Module, adapter_dir: Path, base_names: set[str]):
     """``(peft_model on a zero-byte shell, skipped adapter keys)``. Keys the adapter file holds for *base* weights
-    (peft 0.21 ``save_embedding_layers`` stores the embedding layers' base weights beside the LoRA factors) are not
+    (peft 0.21 ``save_embedding_layers`` stores a targeted embedding layer's ``<module>.base_layer.weight`` beside
+    its LoRA factors; a ``modules_to_save`` copy is stored as ``<module>.weight`` and is loaded) are not
     loaded: the base checkpoint's tensors are used (and checked equal to the adapter's copies in verification).
 
     Raises:
@@ -212,7 +213,7 @@ def _adapter_model(shell: nn.Module, adapter_dir: Path, base_names: set[str]):
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
             canonical = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            if canonical in base_names:
+            if ".base_layer." in key and canonical in base_names:  # a tuner layer's own base weight
                 skipped.append(key)
             else:
                 state[key] = f.get_tensor(key)
@@ -457,12 +458,15 @@ class _ShardWriter:
         self.file.write(memoryview(data))
         self.written += data.nbytes
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Close the file; with ``complete`` first check that every byte the header promises was written and
+        fsync (an interrupted shard is simply closed: its directory is removed by ``atomic_directory``)."""
         try:
-            if self.written != self.expected:
-                raise OSError(f"wrote {self.written} bytes into {self.file.name}, expected {self.expected}")
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            if complete:
+                if self.written != self.expected:
+                    raise OSError(f"wrote {self.written} bytes into {self.file.name}, expected {self.expected}")
+                self.file.flush()
+                os.fsync(self.file.fileno())
         finally:
             self.file.close()
 
@@ -497,8 +501,10 @@ def _write(base_dir: Path, tmp: Path, layout: dict, shards: list[str], metadata:
                 weight_map[o.name] = out_name
                 if on_tensor_written is not None:
                     on_tensor_written(o.name)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.close(complete=False)
+            raise
+        writer.close()
     return weight_map
 
 
@@ -607,35 +613,52 @@ def _check_adapter_copies(base_dir: Path, layout: dict, adapter_dir: Path, skipp
 
 
 def _end_to_end(base_dir: Path, adapter_dir: Path, out_dir: Path, probe_shape: tuple[int, int],
-                max_memory_bytes: int | None, offload_dir: Path) -> dict:
+                layers: int | None) -> dict:
     """Logits of the merged checkpoint (``from_pretrained`` of the written files) vs the adapter model (base +
-    adapter, PEFT's forward) on a seeded random probe, within :func:`tie_guard.probe.logit_tolerance`. With
-    ``max_memory_bytes`` both models are loaded with accelerate's disk offload (``device_map="auto"``,
-    ``max_memory={"cpu": ...}``, ``offload_folder``), so neither is ever whole in memory."""
-    from transformers import AutoModelForCausalLM
+    adapter through PEFT's forward) on a seeded random probe, within :func:`tie_guard.probe.logit_tolerance`.
 
+    With ``layers=k`` both are built with only their first ``k`` decoder layers (``num_hidden_layers`` and
+    ``layer_types`` of the text config cut to ``k``; ``from_pretrained`` then reads only those layers' tensors, the
+    embeddings, the final norm and the head), so the check holds the embedding, the head and ``k`` layers, not the
+    model. (accelerate's disk offload is not used: peft 0.21 re-dispatches an offloaded base with its own device
+    map and fails to find the transformers 5.24 offloaded ``base_layer`` weights: ``KeyError`` in
+    ``OffloadedWeightsLoader``.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def load(path: Path):
+        config = AutoConfig.from_pretrained(path)
+        if layers is not None:
+            text = config.get_text_config()
+            text.num_hidden_layers = min(layers, text.num_hidden_layers)
+            if isinstance(getattr(text, "layer_types", None), list):
+                text.layer_types = text.layer_types[: text.num_hidden_layers]
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype="auto").eval()
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a cut model's load report lists every skipped layer tensor
+    try:
+        return _compare_logits(load, base_dir, adapter_dir, out_dir, probe_shape, layers)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _compare_logits(load, base_dir: Path, adapter_dir: Path, out_dir: Path, probe_shape, layers) -> dict:
     from .loading import load_adapter
     from .probe import logit_tolerance, make_probe_ids, max_abs_diff, probe_logits
 
-    kwargs: dict = {}
-    if max_memory_bytes is not None:
-        kwargs = {"device_map": "auto", "max_memory": {"cpu": max_memory_bytes}}
-
-    def load(path: Path, name: str):
-        extra = {"offload_folder": str(offload_dir / name)} if kwargs else {}
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto", **kwargs, **extra).eval()
-
-    merged = load(out_dir, "merged")
+    merged = load(out_dir)
     probe = make_probe_ids(merged.config.get_text_config().vocab_size, *probe_shape)
     merged_logits = probe_logits(merged, probe)
     dtype = next(merged.parameters()).dtype
     del merged
-    adapter_model = load_adapter(load(base_dir, "base"), str(adapter_dir))
+    adapter_model = load_adapter(load(base_dir), str(adapter_dir))
     adapter_logits = probe_logits(adapter_model, probe)
     del adapter_model
     return {"max_abs_logit_diff": max_abs_diff(merged_logits, adapter_logits),
             "logit_tolerance": logit_tolerance(dtype, float(adapter_logits.abs().max())),
-            "probe_shape": list(probe.shape), "offloaded": max_memory_bytes is not None}
+            "probe_shape": list(probe.shape), "decoder_layers": layers or "all"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -679,7 +702,7 @@ class _Bar:
 
 def stream_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,
                  tie_policy: str = "untie", *, overwrite: bool = False, progress: bool = False,
-                 chunk_rows: int = CHUNK_ROWS, end_to_end: bool = True, end_to_end_max_memory: int | None = None,
+                 chunk_rows: int = CHUNK_ROWS, end_to_end: bool = True, end_to_end_layers: int | None = None,
                  probe_shape: tuple[int, int] = (1, 16),
                  on_tensor_written: Callable[[str], None] | None = None) -> StreamReport:
     """Merge the PEFT adapter in ``adapter_dir`` into the safetensors checkpoint ``base_dir`` and write the merged
@@ -695,9 +718,10 @@ def stream_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     trained copies); together they prove the files hold the merged weights, i.e. the model ``from_pretrained``
     builds from OUT is the in-memory merge's model, as long as its class computes with those tensors. That last
     part (forward overrides, re-ties on load, a tensor the class ignores) is what ``end_to_end`` checks: logits of
-    OUT loaded by ``from_pretrained`` vs the base + adapter model on a ``probe_shape`` probe (both loaded whole, or
-    with accelerate's disk offload when ``end_to_end_max_memory`` bytes is given). Pass ``end_to_end=False`` only
-    when the model cannot be loaded at all; the report then says so.
+    OUT loaded by ``from_pretrained`` vs the base + adapter model on a ``probe_shape`` probe, both whole, or with
+    only their first ``end_to_end_layers`` decoder layers (then the check holds the embedding, the head and those
+    layers: about two of the largest tensors, not the model; the other layers are proven by the per-tensor checks).
+    Pass ``end_to_end=False`` only when not even that fits; the report then says so.
 
     Args:
         tie_policy: ``"untie"`` (default) or ``"error"`` (``"keep_tied"`` is in-memory only).
@@ -754,12 +778,7 @@ def stream_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, ou
         report.seconds["verify_tensors"] = time.perf_counter() - t2
         if not failures and end_to_end:
             t3 = time.perf_counter()
-            offload = Path(tmp).parent / f".{out.name}.offload-{os.getpid()}"
-            try:
-                report.end_to_end = _end_to_end(base_dir, adapter_dir, tmp, probe_shape, end_to_end_max_memory,
-                                                offload)
-            finally:
-                shutil.rmtree(offload, ignore_errors=True)
+            report.end_to_end = _end_to_end(base_dir, adapter_dir, tmp, probe_shape, end_to_end_layers)
             e2e = report.end_to_end
             if not e2e["max_abs_logit_diff"] <= e2e["logit_tolerance"]:
                 failures.append(f"logits of the merged checkpoint differ from the adapter model's by "
