@@ -242,8 +242,9 @@ def _refuse(what: str) -> None:
         "merge (it needs the model in memory).")
 
 
-def _effective_weights(peft_model) -> tuple[dict[str, EffectiveWeight], dict[str, nn.Parameter]]:
-    """``({canonical name: EffectiveWeight}, {canonical name: stand-in parameter})`` for every base parameter.
+def _effective_weights(peft_model) -> dict[str, EffectiveWeight]:
+    """``{canonical name: EffectiveWeight}`` for every base parameter (its ``base`` is the shell's stand-in, or an
+    adapter-held tensor such as a ``modules_to_save`` copy).
 
     Raises:
         UnsupportedAdapterError: a part outside :data:`STREAMABLE`, or a merge that needs the full weight
@@ -251,7 +252,7 @@ def _effective_weights(peft_model) -> tuple[dict[str, EffectiveWeight], dict[str
     """
     from .peft_layout import iter_base_parameters
 
-    effs, params = {}, {}
+    effs = {}
     for bp in iter_base_parameters(peft_model):
         for part in bp.parts:
             if part.kind not in STREAMABLE:
@@ -260,8 +261,8 @@ def _effective_weights(peft_model) -> tuple[dict[str, EffectiveWeight], dict[str
         if eff.kind == "dense":
             _refuse(f"{bp.name} ({', '.join(p.describe() for p in bp.parts)}) needs PEFT's own merge on the full "
                     "weight (fan_in_fan_out, conv LoRA or a trained bias)")
-        effs[bp.name], params[bp.name] = eff, bp.param
-    return effs, params
+        effs[bp.name] = eff
+    return effs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def _plan(base_dir: Path, layout: dict, peft_model, tie_policy: str, report: Str
     write), with its source and change; ``untie`` says the config's tie flags must be set False."""
     from .tie_config import declared_ties
 
-    effs, _ = _effective_weights(peft_model)
+    effs = _effective_weights(peft_model)
     declared = declared_ties(peft_model)
     unknown = [n for n in layout if n not in effs]
     if unknown:
