@@ -167,7 +167,7 @@ def _row_chunks(shape: list[int], chunk_rows: int):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _zero_byte_shell(config) -> nn.Module:
+def zero_byte_shell(config) -> nn.Module:
     """The base model class built from ``config`` on the meta device, every parameter then replaced by a CPU
     stand-in of its shape and dtype that holds no memory (stride-0 view of one zero); shared parameters (ties)
     stay shared. Buffers stay on meta (no forward pass ever runs on the shell)."""
@@ -752,7 +752,7 @@ def stream_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     report = StreamReport(tie_policy=tie_policy)
     t0 = time.perf_counter()
     shards, layout, metadata = _base_layout(base_dir)
-    shell = _zero_byte_shell(AutoConfig.from_pretrained(base_dir))
+    shell = zero_byte_shell(AutoConfig.from_pretrained(base_dir))
     emb = shell.get_input_embeddings()
     inputs = {f"{n}.weight" for n, m in shell.named_modules() if m is emb}
     names = set(dict(shell.named_parameters(remove_duplicate=False)))
