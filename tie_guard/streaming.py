@@ -168,9 +168,15 @@ def _row_chunks(shape: list[int], chunk_rows: int):
 
 
 def zero_byte_shell(config) -> nn.Module:
-    """The base model class built from ``config`` on the meta device, every parameter then replaced by a CPU
-    stand-in of its shape and dtype that holds no memory (stride-0 view of one zero); shared parameters (ties)
-    stay shared. Buffers stay on meta (no forward pass ever runs on the shell)."""
+    """The ``AutoModelForCausalLM`` class for ``config`` built on the meta device (no memory, no initialisation),
+    every parameter then replaced by a CPU stand-in of the same shape and dtype that holds no memory
+    (``torch.zeros(()).expand(shape)``: stride 0); parameters shared by a tie (transformers 5.x ``tie_weights`` in
+    ``post_init``) stay one object. Buffers stay on meta: no forward pass may run on the shell. PEFT (0.21) creates
+    its adapter layers on such a base on the CPU, where a meta base would keep them on meta.
+
+    Raises:
+        ValueError: ``config`` has no causal-LM class (transformers' own message).
+    """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
