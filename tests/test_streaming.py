@@ -163,7 +163,8 @@ stream_merge(sys.argv[1], sys.argv[2], sys.argv[3], on_tensor_written=slow)
 """
 
 
-def test_killed_mid_merge_leaves_no_output(sharded_base, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_killed_mid_merge_leaves_no_output(sharded_base, tmp_path, sig):
     adapter = train_adapter(AutoModelForCausalLM.from_pretrained(sharded_base), ADAPTERS["lora_head_attn"](),
                             tmp_path / "ad")
     out = tmp_path / "out"
@@ -175,15 +176,18 @@ def test_killed_mid_merge_leaves_no_output(sharded_base, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         shards = [p for d in tmp_path.glob(".out.tmp-*") for p in d.glob("model-*.safetensors")]
         if len(shards) >= 2:  # mid-merge: some shards written, others not
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
             killed = True
             break
         time.sleep(0.05)
     proc.wait()
     assert killed, "the merge finished before it could be interrupted"
     assert not out.exists()
-    # A killed process cannot clean up its temporary sibling; what it leaves is hidden and never named OUT.
-    assert all(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir() if p.name != "ad")
+    left = [p.name for p in tmp_path.iterdir() if p.name != "ad"]
+    if sig == signal.SIGINT:  # KeyboardInterrupt: atomic_directory removes its temporary sibling
+        assert left == []
+    else:  # a SIGKILLed process cannot clean up; what it leaves is hidden and never named OUT
+        assert all(name.startswith(".out.tmp-") for name in left)
 
 
 def test_unsupported_tuner_is_refused_before_any_write(sharded_base, tmp_path):
