@@ -120,6 +120,13 @@ def cmd_merge(args) -> int:
                   "Fix: choose an output directory elsewhere.", file=sys.stderr)
             return EXIT_USAGE
     check_destination(out, args.force, flag="--force")  # before the (slow) loading
+    if args.stream:  # shard by shard: the model is never in memory (tie_guard.streaming)
+        from .streaming import stream_merge
+
+        rep = stream_merge(args.base, args.adapter, out, args.tie_policy, overwrite=args.force,
+                           progress=not args.quiet, end_to_end_layers=args.check_layers)
+        _out(json.dumps({"output_dir": out, **rep.to_dict()}, indent=2))
+        return EXIT_OK
     phases = ["load base", "load adapter", "merge", "verify", "save", "reload"]
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), disable=args.quiet) as prog:
@@ -226,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", help=dtype_help)
     s.add_argument("--force", action="store_true", help="replace an existing OUT (after verification)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--stream", action="store_true",
+                   help="merge a safetensors BASE directory shard by shard, for checkpoints larger than memory (LoRA, "
+                        "modules_to_save, trainable tokens; --dtype is the checkpoint's own)")
+    s.add_argument("--check-layers", type=int, metavar="K",
+                   help="with --stream: the end-to-end logit check loads only the first K decoder layers (default: all)")
     s.set_defaults(func=cmd_merge)
 
     s = command("verify", "audit a merged checkpoint made by any tool")
