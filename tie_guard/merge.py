@@ -359,7 +359,7 @@ def _match_reload_layout(merged: nn.Module, groups: list[TieGroup], declared: di
         {n: merged.get_parameter(n) for g in groups for n in g.names})]
 
 
-def _restore_use_cache(config: PretrainedConfig, report: MergeReport) -> None:
+def restore_use_cache(config: PretrainedConfig, report: MergeReport) -> None:
     """Give the merged model's config (every level) its class default ``use_cache`` where training switched it off
     (the Trainer and gradient checkpointing set ``use_cache=False``): the merged model is for inference."""
     from .tie_config import iter_configs
@@ -606,7 +606,7 @@ def safe_merge_and_unload(
         # Still inside: the adapter model's head outputs are produced chunk by chunk during the comparison, with
         # the merged adapters active.
         _resolve_ties(merged, groups, tie_policy, report)
-        _restore_use_cache(merged.config, report)
+        restore_use_cache(merged.config, report)
         report.tie_flags_after = tie_flags(merged.config)
         report.seconds["merge"] = time.perf_counter() - t0 - report.seconds["probe_adapter"]
 

@@ -749,7 +749,7 @@ def stream_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     """
     from transformers import AutoConfig
 
-    from .merge import _restore_use_cache
+    from .merge import restore_use_cache
 
     base_dir, adapter_dir, out = Path(base_dir), Path(adapter_dir), Path(out)
     if tie_policy not in ("untie", "error"):
@@ -765,7 +765,7 @@ def stream_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     peft_model, skipped = _adapter_model(shell, adapter_dir, set(layout) | names)
     plan, _ = _plan(base_dir, layout, peft_model, tie_policy, report, chunk_rows)
     merged_config = peft_model.get_base_model().config
-    _restore_use_cache(merged_config, report)
+    restore_use_cache(merged_config, report)
     report.merged = [{"name": o.name, "read_from": o.read_from, "kind": o.eff.kind} for o in plan if o.eff is not None]
     report.copied = sum(o.eff is None for o in plan)
     report.seconds["plan"] = time.perf_counter() - t0
