@@ -114,7 +114,10 @@ def test_sft_job_runs_and_generates(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok"
     merge = summary["tie_guard_merge"]
-    assert merge["max_abs_logit_diff"] <= merge["logit_tolerance"] and merge["reload_max_abs_logit_diff"] == 0.0
+    assert merge["max_abs_logit_diff"] <= merge["logit_tolerance"]
+    # The reloaded model holds the same bits; its logits agree to float32 rounding (measured 0.0 to 5.7e-6: the
+    # reloaded weights sit in freshly loaded, differently aligned storage, which can change the BLAS kernel path).
+    assert merge["reload_max_abs_logit_diff"] <= 1e-5
     gen = summary["generation"]
     assert gen["merged_reloaded"]["token_ids"] and gen["identical_tokens"]
     assert gen["adapter_model"]["token_ids"] == gen["merged_reloaded"]["token_ids"]
