@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import PEFT_TIES_MODULES_TO_SAVE_ONLY, tiny_model
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -57,7 +57,7 @@ def _check_run(cb, trainer, out, ensure: bool):
     checks = [e for e in read_events(out / "tie_guard_events.jsonl") if e["event"] == "check"]
     div = [e["metrics"]["divergence/lm_head"] for e in checks]
     assert [e["step"] for e in checks] == [1, 2]
-    if ensure:
+    if ensure and not PEFT_TIES_MODULES_TO_SAVE_ONLY:  # PEFT 0.18 still trains two copies with ensure_weight_tying
         assert div == [0.0, 0.0]  # one shared modules_to_save copy: still one matrix
     else:
         assert all(d > 0 for d in div)  # two copies trained apart
@@ -120,8 +120,10 @@ def test_gemma_head_trained_apart_warns_about_vllm_rollouts(lora):
 
 
 def test_gemma_one_tied_copy_has_no_vllm_warning():
-    assert _vllm_warnings(tiny_model("gemma2"), target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"],
-                          ensure_weight_tying=True) == []  # one tied matrix: vLLM's head is the trained head
+    warned = _vllm_warnings(tiny_model("gemma2"), target_modules=["q_proj"],
+                            modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=True)
+    # one tied matrix: vLLM's head is the trained head; PEFT 0.18 trains two copies even so, and is warned about
+    assert len(warned) == (1 if PEFT_TIES_MODULES_TO_SAVE_ONLY else 0)
 
 
 def test_llama_head_trained_apart_has_no_vllm_warning():

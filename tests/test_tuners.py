@@ -101,9 +101,18 @@ _TASK_IDS = {"Poly", "Multitask prompt tuning"}
 
 def test_matrix_covers_every_installed_tuner():
     """Every PeftType of the installed PEFT has a row (X-LoRA and AdaMSS are covered by their own tests below)."""
-    covered = {type(make()).__name__ for make, _ in TUNERS.values()} | {"XLoraConfig", "AdamssConfig"}
+    covered = {type(cfg).__name__ for cfg in map(_config, TUNERS.values()) if cfg is not None} | {
+        "XLoraConfig", "AdamssConfig"}
     missing = sorted(C[t].__name__ for t in P if C[t].__name__ not in covered)
     assert not missing, f"tuners without a row in tests/test_tuners.py: {missing}"
+
+
+def _config(entry):
+    """The tuner's config, or ``None`` when the installed PEFT does not have that tuner (an older PEFT)."""
+    try:
+        return entry[0]()
+    except (AttributeError, KeyError):
+        return None
 
 
 def _train(pm, name: str, steps: int = 3):
@@ -151,6 +160,8 @@ def _build(name: str, make):
 @pytest.mark.parametrize("name", list(TUNERS))
 def test_tuner_on_tied_lm_head(name, tmp_path):
     make, expect = TUNERS[name]
+    if _config(TUNERS[name]) is None:
+        pytest.skip(f"{name} is not in peft {peft.__version__}")
     row = {"tuner": name, "peft": peft.__version__, "targets": "lm_head (tied), q_proj"}
     if expect[0] == "peft_fails":
         with pytest.raises(Exception, match=expect[1]):

@@ -96,9 +96,10 @@ def load_model(source: str, dtype=None, trust_remote_code: bool = False, local_o
             raise
         raise FileNotFoundError(f"{source!r} is not a packaged model, a local path, or a hub id reachable from here "
                                 f"({type(exc).__name__}: {exc}).") from exc
-    try:
+    try:  # a checkpoint without tokenizer files: transformers 5 raises OSError/ValueError, 4.57 AttributeError or
+        # (GPT-2's tokenizer class) TypeError
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         # no tokenizer files: transformers 5.x raises OSError/ValueError, 4.57 an AttributeError
         tok = None
     return model.eval(), tok
