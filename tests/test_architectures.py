@@ -11,15 +11,15 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, train_adapter_a_little
+from conftest import PEFT_TIES_MODULES_TO_SAVE_ONLY, VOCAB, train_adapter_a_little
 from families import FAMILIES, build_family
 from peft import LoraConfig, get_peft_model
 from setups import SETUPS, record
 from transformers import AutoModelForCausalLM
 
-from tie_guard import UnsupportedAdapterError, find_tied_groups, safe_merge_and_unload
+from tie_guard import MergeVerificationError, UnsupportedAdapterError, find_tied_groups, safe_merge_and_unload
 from tie_guard.probe import make_probe_ids, probe_logits
-from tie_guard.tie_config import TIE_RECORD, tie_flags
+from tie_guard.tie_config import RELOAD_KEEPS_DIFFERING_TIES, TIE_RECORD, tie_flags
 
 TOL = 1e-4
 
@@ -203,7 +203,12 @@ def test_every_peft_door_on_other_families(family, setup, tmp_path):
     """Every PEFT door into a tied group (tests/setups.py) on a group of four (BART's shared + encoder/decoder
     embeddings + head; T5), a masked-LM head with a tied bias (BERT) and a VLM wrapper: verified, and the user's
     own save → reload computes the adapter model's logits."""
-    pm = get_peft_model(build_family(family), LoraConfig(r=4, lora_alpha=8, **_renamed(SETUPS[setup], _NAMES[family])))
+    cfg = LoraConfig(r=4, lora_alpha=8, **_renamed(SETUPS[setup], _NAMES[family]))
+    try:
+        pm = get_peft_model(build_family(family), cfg)
+    except AttributeError as exc:  # PEFT 0.18's own failure on modules_to_save + ensure_weight_tying
+        assert PEFT_TIES_MODULES_TO_SAVE_ONLY and "has no attribute 'modules_to_save'" in str(exc), exc
+        return
     if (family, setup) in _DEFECTS:
         with pytest.raises(UnsupportedAdapterError, match="Fix:"):
             safe_merge_and_unload(pm)
@@ -211,6 +216,14 @@ def test_every_peft_door_on_other_families(family, setup, tmp_path):
     train_adapter_a_little(pm, steps=2, lr=1e-2)
     probe = make_probe_ids(VOCAB)
     adapter = probe_logits(pm, probe)
+    if family == "bert" and not RELOAD_KEEPS_DIFFERING_TIES and setup.startswith(("modules_to_save lm_head",
+                                                                                "modules_to_save both")):
+        # transformers 4.x ties cls.predictions.decoder.bias to cls.predictions.bias on every load, so the trained
+        # copy's bias cannot survive a reload: the reload check refuses the merge and nothing is saved.
+        with pytest.raises(MergeVerificationError, match="cls.predictions.decoder.bias"):
+            safe_merge_and_unload(pm, output_dir=tmp_path / "ours", probe_input_ids=probe)
+        assert not (tmp_path / "ours").exists()
+        return
     merged, report = safe_merge_and_unload(pm, output_dir=tmp_path / "ours", probe_input_ids=probe)
     assert report.verified and report.max_abs_logit_diff <= TOL
     merged.save_pretrained(tmp_path / "user")

@@ -23,6 +23,7 @@ from tie_guard.errors import UnsupportedAdapterError
 from tie_guard.loading import load_adapter
 from tie_guard.probe import make_probe_ids, probe_logits
 from tie_guard.streaming import INDEX_NAME, stream_merge
+from tie_guard.tie_config import RELOAD_KEEPS_DIFFERING_TIES
 
 SHARD = "20KB"  # the tiny Llama (≈120 KB in fp32) is written as 6 shards
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -109,6 +110,8 @@ def test_streamed_equals_in_memory_merge(sharded_base, tmp_path, kind):
     assert tensors(sharded_base).keys() == before.keys()  # the input is untouched
 
 
+@pytest.mark.skipif(not RELOAD_KEEPS_DIFFERING_TIES, reason="transformers 4.x re-ties the head on load whenever the "
+                    "flag is True, so such a checkpoint never loads with two different tensors")
 def test_config_says_tied_but_checkpoint_ships_both(tmp_path):
     """A config with tie_word_embeddings=True whose checkpoint holds a different lm_head (transformers ≥ 5.4 loads
     both and does not tie them): the streamed merge keeps each tensor's own value, merges the head's LoRA into the

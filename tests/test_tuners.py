@@ -57,6 +57,7 @@ TUNERS: dict[str, tuple] = {
     "WaveFT": (lambda: C[P.WAVEFT](target_modules=T, n_frequency=16), "exact"),
     "HRA": (lambda: C[P.HRA](target_modules=T), "exact"),
     "MiSS (Bone)": (lambda: C[P.MISS](target_modules=T, r=4), "exact"),
+    "Bone (PEFT < 0.21's name for MiSS)": (lambda: C[P.BONE](target_modules=T, r=4), ("refused", "bone", "Fix:")),
     "LN-tuning": (lambda: C[P.LN_TUNING](target_modules=T), "exact"),
     "VB-LoRA": (lambda: C[P.VBLORA](target_modules=T, vector_length=8, num_vectors=16), "exact"),
     "UniLoRA": (lambda: C[P.UNILORA](target_modules=T), "exact"),

