@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 STACKS=${TIE_GUARD_STACK:-current old}
 for stack in $STACKS; do
-  VENV=$(TIE_GUARD_STACK=$stack bash scripts/setup.sh | tee /dev/stderr | tail -n 1)
+  # (no `tee /dev/stderr`: reopening a redirected stderr file truncates it, losing the log written so far)
+  TIE_GUARD_STACK=$stack bash scripts/setup.sh
+  case "$stack" in old) VENV=.venv-old ;; *) VENV=.venv ;; esac
   PYTEST=("$VENV/bin/python" -m pytest -q -p no:cacheprovider)
   echo "== tests on the $stack stack ($VENV)"
   if [ "$stack" = current ]; then
