@@ -69,6 +69,7 @@ def main(argv=None):
     print(f"added special tokens {dict(zip(script_args.new_special_tokens, added))}; vocab {model.vocab_size}")
     data = Dataset.from_list([{"messages": c} for c in chitchat_conversations(script_args.max_conversations)])
     peft_config = get_peft_config(model_args)
+    asked = set(model_args.lora_modules_to_save or [])  # before SFTTrainer / PEFT edit the list in place
     peft_config.ensure_weight_tying = script_args.ensure_weight_tying
     guard = TieGuardCallback(guard_args)
     trainer = SFTTrainer(
@@ -82,7 +83,6 @@ def main(argv=None):
     used = trainer.model.peft_config["default"]
     print("PEFT config after SFTTrainer:", {k: getattr(used, k)
                                           for k in ("target_modules", "modules_to_save", "trainable_token_indices")})
-    asked = set(model_args.lora_modules_to_save or [])
     if "lm_head" in asked and "lm_head" not in (used.modules_to_save or []) and used.ensure_weight_tying:
         print("  (lm_head is not listed: with ensure_weight_tying PEFT 0.21 trains one copy of the tied embedding, "
               "which the output embedding shares, instead of a separate lm_head copy)")

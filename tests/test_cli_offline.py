@@ -43,6 +43,7 @@ def test_help_and_usage_errors_import_no_torch(argv):
     (["inspect", "someorg/not-a-model"], "--online"),
     (["verify", "nonexistent-merged", "--base", "smollm2-135m-instruct"], "nonexistent-merged does not exist"),
     (["merge", "no-such-dir/", "adapter", "out"], "does not exist"),
+    (["merge", "smollm2-135m-instruct", "no-such-adapter", "out"], "adapter directory no-such-adapter does not exist"),
 ])
 def test_unknown_names_fail_at_once_offline(argv, expect):
     t = time.perf_counter()

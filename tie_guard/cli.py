@@ -123,7 +123,9 @@ def cmd_merge(args) -> int:
     if args.stream:  # shard by shard: the model is never in memory (tie_guard.streaming)
         from .streaming import stream_merge
 
-        rep = stream_merge(args.base, args.adapter, out, args.tie_policy, overwrite=args.force,
+        from .packaged import resolve_model_path
+
+        rep = stream_merge(resolve_model_path(args.base), args.adapter, out, args.tie_policy, overwrite=args.force,
                            progress=not args.quiet, end_to_end_layers=args.check_layers)
         _out(json.dumps({"output_dir": out, **rep.to_dict()}, indent=2))
         return EXIT_OK
@@ -267,13 +269,15 @@ def main(argv=None) -> int:
         # Names are never looked up on a hub unless asked: an unknown name fails at once instead of retrying a
         # connection for a minute. huggingface_hub reads this when first imported, which happens below.
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from .loading import check_source
+    from .loading import check_adapter_dir, check_source
 
     try:  # bad model arguments are usage errors found before anything heavy is imported
         for source, local_only in ((getattr(args, "model", None), False), (getattr(args, "base", None), False),
                                    (getattr(args, "merged", None), True)):
             if source is not None:
                 check_source(source, local_only)
+        if getattr(args, "adapter", None) is not None:
+            check_adapter_dir(args.adapter)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

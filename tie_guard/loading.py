@@ -105,6 +105,17 @@ def load_model(source: str, dtype=None, trust_remote_code: bool = False, local_o
     return model.eval(), tok
 
 
+def check_adapter_dir(adapter_dir: str) -> None:
+    """Raise ``FileNotFoundError`` (naming the fix) unless ``adapter_dir`` is a PEFT adapter directory (has
+    ``adapter_config.json``). Imports nothing heavy: the CLI calls it before loading anything."""
+    fix = ("Fix: pass the directory written by peft's save_pretrained / trainer.save_model (it holds "
+           "adapter_config.json and adapter_model.safetensors).")
+    if not Path(adapter_dir).exists():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist. {fix}")
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json). {fix}")
+
+
 def load_adapter(model, adapter_dir: str):
     """Wrap ``model`` with the PEFT adapter stored in ``adapter_dir`` (inference mode; files only read).
 
@@ -118,12 +129,7 @@ def load_adapter(model, adapter_dir: str):
 
     from .quiet import known_warnings_silenced
 
-    fix = ("Fix: pass the directory written by peft's save_pretrained / trainer.save_model (it holds "
-           "adapter_config.json and adapter_model.safetensors).")
-    if not Path(adapter_dir).exists():
-        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist. {fix}")
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json). {fix}")
+    check_adapter_dir(adapter_dir)
     # PEFT (0.21) reads adapter_model.safetensors, or adapter_model.bin with torch.load(weights_only=True):
     # no pickled code is ever executed.
     try:
