@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--online", action="store_true",
                         help="allow hub ids to be downloaded (default: offline; only packaged names and local paths)")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:  # every subcommand: --online, exit codes in --help
-        return sub.add_parser(name, help=help, parents=[common], epilog=EXIT_CODES,
+    def command(name: str, help: str, loads_models: bool = True) -> argparse.ArgumentParser:
+        """A subcommand with the exit codes in its --help, and --online where it loads models."""
+        return sub.add_parser(name, help=help, parents=[common] if loads_models else [], epilog=EXIT_CODES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     s = command("inspect", "tie groups of a model (and what an adapter touches)")
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output (for CI gates)")
     s.set_defaults(func=cmd_verify)
 
-    s = command("report", "PNG report of a run from its tie_guard_events.jsonl")
+    s = command("report", "PNG report of a run from its tie_guard_events.jsonl", loads_models=False)
     s.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
     s.add_argument("--out", help="PNG path (default RUN_DIR/tie_guard_report.png)")
     s.add_argument("--run", help="which run of RUN_DIR to draw when several wrote there: a run id, or 1-based index "
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help (before any heavy import)
         return int(exc.code or 0)
-    if not args.online:
+    if not getattr(args, "online", False):
         # Names are never looked up on a hub unless asked: an unknown name fails at once instead of retrying a
         # connection for a minute. huggingface_hub reads this when first imported, which happens below.
         os.environ["HF_HUB_OFFLINE"] = "1"
