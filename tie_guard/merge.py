@@ -319,12 +319,13 @@ def _match_reload_layout(merged: nn.Module, groups: list[TieGroup], declared: di
     uf = UnionFind()
     for t, s in equal_pairs:
         uf.union(t, s)
+    saved_flags = tie_flags(type(merged.config).from_dict(merged.config.to_dict()))  # what the saved file says
+    forced = ", ".join(k for k, v in saved_flags.items() if v) or "it"
     for t, s in reload_ties.items():
         if (t, s) not in equal_pairs and _has_param(merged, t) and _has_param(merged, s):
             report.warnings.append(
-                f"the saved config still ties {t} to {s} ({type(merged.config).__name__} forces "
-                f"{', '.join(k for k, v in tie_flags(type(merged.config).from_dict(merged.config.to_dict())).items() if v) or 'it'}"
-                " = True), but they now differ. "
+                f"the saved config still ties {t} to {s} ({type(merged.config).__name__} forces {forced} = True), "
+                "but they now differ. "
                 + ("transformers ≥ 5.4 keeps both on reload because they differ, but a later tie_weights() "
                    "(resize_token_embeddings, accelerate FSDP2 prepare) will re-tie them and lose one. Fix: do not "
                    "call tie_weights() on the merged model, or keep the adapter unmerged for this architecture."
@@ -346,9 +347,10 @@ def _match_reload_layout(merged: nn.Module, groups: list[TieGroup], declared: di
                 copy_ = nn.Parameter(p.detach().clone(), requires_grad=False)
                 for n in split:
                     _set_param(merged, n, copy_)
-                report.saved_copies.append({"names": split, "copy_of": sharing[0], "nbytes": p.numel() * p.element_size()})
+                nbytes = p.numel() * p.element_size()
+                report.saved_copies.append({"names": split, "copy_of": sharing[0], "nbytes": nbytes})
                 report.actions.append(
-                    f"{', '.join(split)}: own copy of {sharing[0]} ({_fmt_bytes(p.numel() * p.element_size())}): "
+                    f"{', '.join(split)}: own copy of {sharing[0]} ({_fmt_bytes(nbytes)}): "
                     "the saved config does not declare them tied, so save → reload keeps them as equal copies"
                 )
     keep = {t for t, _ in equal_pairs}
