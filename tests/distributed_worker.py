@@ -253,6 +253,11 @@ def main(scenario: str, out: str) -> None:
     for run, fn in RUNS[scenario].items():
         record = fn(out)
         write(out / run, record["rank"], record)
+    # Leave the process group explicitly: a gloo group torn down at interpreter exit can abort a rank
+    # ("terminate called without an active exception", seen once on the old stack).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
