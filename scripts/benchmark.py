@@ -88,6 +88,15 @@ def batches(tok, vocab: int, n: int, smoke: bool):
     return [ids[2 * i: 2 * i + 2] for i in range(n)]
 
 
+def timed_step(pm, opt, ids) -> float:
+    """Seconds of one LoRA training step (forward, backward, optimizer) on the token batch ``ids``."""
+    t = time.perf_counter()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return time.perf_counter() - t
+
+
 # ------------------------------------------------------------------------------------------------- 1. watch cost
 def bench_watch(name: str, repeats: int, smoke: bool) -> dict:
     from tie_guard import TieWatcher
@@ -107,11 +116,7 @@ def bench_watch(name: str, repeats: int, smoke: bool) -> dict:
     step, cheap, full, naive = [], [], [], []
     pm.train()
     for i, ids in enumerate(data):
-        t = time.perf_counter()
-        pm(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        dt = time.perf_counter() - t
+        dt = timed_step(pm, opt, ids)
         t = time.perf_counter()
         res = watcher.check(i + 1, emit=False, divergence=False)
         dc = time.perf_counter() - t
@@ -303,11 +308,7 @@ def bench_vocab(repeats: int, smoke: bool) -> dict:
         step, check = [], []
         pm.train()
         for i, ids in enumerate(data):
-            t = time.perf_counter()
-            pm(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            dt = time.perf_counter() - t
+            dt = timed_step(pm, opt, ids)
             t = time.perf_counter()
             watcher.check(i + 1, divergence=False)  # emits its event, as in a run
             dc = time.perf_counter() - t
