@@ -153,8 +153,8 @@ def audit_checkpoint(merged_dir: str, merged, base, tokenizer=None, adapter_mode
         vocab = e_m.shape[0]
         probe = make_probe_ids(vocab)
         ref = ProbeRun(adapter_model, probe)
-        rep.max_abs_logit_diff = ProbeRun(merged, probe).max_abs_diff(ref)
-        rep.logit_tolerance = logit_tolerance(model_dtype(merged), ref.max_abs())
+        rep.max_abs_logit_diff, max_abs_logit = ProbeRun(merged, probe).compare(ref)
+        rep.logit_tolerance = logit_tolerance(model_dtype(merged), max_abs_logit)
         if rep.max_abs_logit_diff > rep.logit_tolerance:
             rep.problems.append(f"merged logits differ from base + adapter by {rep.max_abs_logit_diff:.3g} "
                                 f"(tolerance {rep.logit_tolerance:.3g}): the checkpoint is not the trained model. "

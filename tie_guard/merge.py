@@ -17,6 +17,7 @@ from .effective import all_finite, effective_weight
 from .errors import MergeVerificationError, TiedMergeError, UnsupportedAdapterError
 from .groups import TieGroup, UnionFind, find_tied_groups, physical_components
 from .init_rewrites import resolve_init_rewrites
+from .module_copy import shallow_module_copy
 from .peft_defects import layout_defects
 from .peft_layout import BaseParameter, PeftModel, is_peft_wrapper, iter_base_parameters
 from .probe import ProbeRun, check_probe_ids, logit_tolerance, make_probe_ids, model_dtype
@@ -135,21 +136,6 @@ class MergeReport:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _shallow_module_copy(m: nn.Module) -> nn.Module:
-    new = copy.copy(m)
-    # Instance-level method overrides bound to the original (e.g. TRL 1.16's SFTTrainer patches
-    # ``model.forward`` with a fused LM head closed over the adapter model) would run the original module:
-    # the merged model uses its class's own methods.
-    for key, value in list(vars(m).items()):
-        if getattr(value, "__self__", None) is m:
-            del new.__dict__[key]
-    new._parameters = dict(m._parameters)
-    new._buffers = dict(m._buffers)
-    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
-    new._modules = dict(m._modules)
-    return new
-
-
 def _share_clone(m: nn.Module, replace: dict[int, nn.Module], memo: dict[int, nn.Module]) -> nn.Module:
     """Copy the module tree (not the tensors) of ``m``, substituting ``replace[id(module)]`` for PEFT wrappers."""
     if id(m) in memo:
@@ -157,7 +143,7 @@ def _share_clone(m: nn.Module, replace: dict[int, nn.Module], memo: dict[int, nn
     if id(m) in replace:
         memo[id(m)] = replace[id(m)]
         return memo[id(m)]
-    new = _shallow_module_copy(m)
+    new = shallow_module_copy(m)
     memo[id(m)] = new
     for name, child in m._modules.items():
         new._modules[name] = None if child is None else _share_clone(child, replace, memo)
@@ -186,9 +172,8 @@ def _replacement(bps: list[BaseParameter], inplace: bool = False) -> nn.Module:
     base_module = bps[0].module
     parts = bps[0].parts
     if inplace and len(parts) == 1 and parts[0].kind in ("lora", "dora", "lora_variant") and parts[0].adapter_names:
-        parts[0].wrapper.merge(safe_merge=True, adapter_names=list(parts[0].adapter_names))
-        return base_module
-    new = _shallow_module_copy(base_module)
+        return _merge_in_place(bps, parts[0])
+    new = shallow_module_copy(base_module)
     for attr, p in base_module._parameters.items():
         if p is None:
             continue
@@ -204,6 +189,31 @@ def _replacement(bps: list[BaseParameter], inplace: bool = False) -> nn.Module:
             )
         new._parameters[attr] = nn.Parameter(value, requires_grad=False)
     return new
+
+
+def _merge_in_place(bps: list[BaseParameter], part) -> nn.Module:
+    """PEFT's own in-place ``merge(safe_merge=False)`` of ``part`` into its base module, which is returned.
+
+    ``safe_merge=True`` would clone each weight, and the clone's allocation stays resident (measured on
+    SmolLM2-135M: +0.49 × the head's bytes of RSS for its 60 q/v projections; torch 2.13, peft 0.21). Instead the
+    adapter's own tensors are checked for NaN/Inf before anything is written, and the merged weight after."""
+    wrapper, names = part.wrapper, list(part.adapter_names)
+    broken = [n for n, p in wrapper.named_parameters() if not n.startswith("base_layer.")
+              and any(f".{a}." in f".{n}." for a in names) and not all_finite(p)]
+    if broken:
+        raise MergeVerificationError(
+            f"{bps[0].module_path}: the adapter's {', '.join(broken)} contain NaN/Inf: the adapter is broken. "
+            "Fix: retrain or restore the adapter from an earlier checkpoint; nothing was merged into this layer."
+        )
+    wrapper.merge(safe_merge=False, adapter_names=names)
+    for attr, p in bps[0].module._parameters.items():
+        if p is not None and not all_finite(p):
+            raise MergeVerificationError(
+                f"The merged {bps[0].module_path}.{attr} contains NaN/Inf (the adapter's delta overflows "
+                f"{p.dtype}). The adapter model was being merged in place (inplace=True) and is no longer usable; "
+                "the base checkpoint on disk is untouched. Fix: merge in a wider dtype (float32)."
+            )
+    return bps[0].module
 
 
 def _build_merged(peft_model: PeftModel, base_params: list[BaseParameter], inplace: bool = False,
@@ -615,8 +625,8 @@ def safe_merge_and_unload(
         phase("verify")
         t1 = time.perf_counter()
         merged_run = ProbeRun(merged, probe)
-        report.max_abs_logit_diff = merged_run.max_abs_diff(adapter_run)
-        report.logit_tolerance = logit_tolerance(dtype, adapter_run.max_abs())
+        report.max_abs_logit_diff, max_abs_logit = merged_run.compare(adapter_run)
+        report.logit_tolerance = logit_tolerance(dtype, max_abs_logit)
         report.logits_match = report.max_abs_logit_diff <= report.logit_tolerance
         pre = {bp.name: bp.param for bp in base_params}
         trained = _input_embedding_names(groups)

@@ -23,6 +23,7 @@ import inspect
 import torch
 from torch import nn
 
+from .module_copy import shallow_module_copy
 from .peft_layout import base_model_of
 
 LOGIT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -119,23 +120,110 @@ class _StopAtHead(Exception):
     """Raised by the pre-hook on the output embedding once its input is captured: the forward stops there."""
 
 
-#: Elements of logits produced at once by :class:`ProbeRun` (4 MiB of float32).
+#: Most elements of logits produced at once by :class:`ProbeRun` (4 MiB of float32).
 LOGIT_CHUNK_ELEMS = 1 << 20
+
+
+def block_elems(vocab: int, hidden: int) -> int:
+    """Logits per block for a vocab × hidden head: 1/128 of the head's elements (a block and the few temporaries
+    a head's forward makes stay a few % of the head's bytes), between 64 Ki and :data:`LOGIT_CHUNK_ELEMS`."""
+    return max(1 << 16, min(LOGIT_CHUNK_ELEMS, vocab * hidden // 128))
+
+
+def _plain_linear(m: nn.Module | None) -> bool:
+    return m is not None and isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def _row_sliced_linear(lin: nn.Linear, rows: slice) -> nn.Linear:
+    """``lin`` computing only output features ``rows``: a shallow copy whose weight and bias are views."""
+    new = shallow_module_copy(lin)
+    new._parameters["weight"] = lin.weight[rows]
+    if lin.bias is not None:
+        new._parameters["bias"] = lin.bias[rows]
+    new.out_features = new._parameters["weight"].shape[0]
+    return new
+
+
+def _vanilla_lora_linear(m: nn.Module) -> bool:
+    """``m`` is PEFT's ``lora.Linear`` in its unmerged state, every active adapter plain LoRA (no DoRA or other
+    variant), over a plain ``nn.Linear``: its output is ``base(x) + Σ_a lora_B_a(lora_A_a(x)) · s_a``, so
+    output feature ``j`` depends only on row ``j`` of ``base.weight`` and of each ``lora_B_a.weight`` (peft
+    0.18–0.21 ``lora.Linear.forward``)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        return False
+    if type(m) is not LoraLinear or m.merged or m.disable_adapters or not _plain_linear(m.base_layer):
+        return False
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    return all(a not in getattr(m, "lora_variant", {}) and not getattr(m, "use_dora", {}).get(a, False)
+               and _plain_linear(m.lora_B[a]) for a in active)
+
+
+def _row_sliced_head(head: nn.Module, rows: slice) -> nn.Module:
+    """A module computing output features ``rows`` of ``head`` with ``head``'s own forward (no tensor copied)."""
+    if _plain_linear(head):
+        return _row_sliced_linear(head, rows)
+    new = shallow_module_copy(head)
+    new._modules["base_layer"] = _row_sliced_linear(head.base_layer, rows)
+    lora_b = shallow_module_copy(head.lora_B)
+    for a in head.active_adapters:
+        if a in head.lora_A:
+            lora_b._modules[a] = _row_sliced_linear(head.lora_B[a], rows)
+    new._modules["lora_B"] = lora_b
+    return new
+
+
+def post_head(model: nn.Module):
+    """What ``model``'s forward does to its head's output before returning logits, as a function on float32
+    blocks, or ``None``: final-logit soft-capping ``c·tanh(h/c)`` (config ``final_logit_softcapping``: Gemma 2,
+    Gemma 3, ...), Cohere's ``logit_scale`` (multiplied) and Granite's ``logits_scaling`` (divided), read from the
+    (text) config as transformers 4.56–5.x's modeling code applies them. Other additive terms after a head
+    (BART's ``final_logits_bias``) are the same buffer in the models compared and cancel in a difference."""
+    config = getattr(base_model_of(model), "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def read(name):
+        value = getattr(text, name, None)
+        return getattr(config, name, None) if value is None else value
+
+    cap, scale, divide = read("final_logit_softcapping"), read("logit_scale"), read("logits_scaling")
+    if cap is None and scale is None and divide is None:
+        return None
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            h = h.mul_(scale)
+        if divide is not None:
+            h = h.div_(divide)
+        if cap is not None:
+            h = h.div_(cap).tanh_().mul_(cap)
+        return h
+
+    return apply
 
 
 class ProbeRun:
     """What a model computes on a probe batch, kept small: the input of its output embedding (``hidden``:
-    (batch·seq) × hidden) and the head module itself, so that logits ((batch·seq) × vocab) are produced a few
-    tokens at a time (:data:`LOGIT_CHUNK_ELEMS` per chunk) and never held whole.
+    (batch·seq) × hidden) and the head module itself, so that logits ((batch·seq) × vocab) are produced a block
+    at a time (:func:`block_elems` elements per block: a few % of the head's bytes) and never held whole.
 
     The model's class ``forward`` runs in eval mode without gradients up to its output-embedding module
     (``get_output_embeddings()``, PEFT wrapper included), whose input is captured by a forward pre-hook that then
-    stops the forward. Logits are the head module's output on that input: for a LoRA head the adapter model's
-    own PEFT forward, for the merged model its plain ``nn.Linear``. Whatever a model does after its head
-    (Gemma's final-logit soft-capping, a logit scale) is the same code and config in the two models compared, and
-    is 1-Lipschitz or a fixed scale, so equal head outputs mean equal logits; everything before it (every
-    decoder layer, embedding scaling, T5's output rescale) is in ``hidden``. When the forward never calls that
-    module (a model computing logits from a weight directly), the full logits are kept instead (``logits``).
+    stops the forward. Logits are the head module's own output on that input (for a LoRA head the adapter model's
+    PEFT forward, for the merged model its plain ``nn.Linear``) followed by what the model's forward does after
+    its head (:func:`post_head`: Gemma's final-logit soft-capping, Cohere's and Granite's logit scales), so the
+    blocks are the logits the model returns; everything before the head (every decoder layer, embedding
+    scaling, T5's output rescale) is in ``hidden``. When the forward never calls that module (a model computing
+    logits from a weight directly), the full logits are kept instead (``logits``).
+
+    Blocks: when both runs compared have a head whose output feature ``j`` depends only on row ``j`` of its
+    weights (a plain ``nn.Linear``, or PEFT's ``lora.Linear`` with plain LoRA adapters), every probe position is
+    computed at once over a slice of the vocabulary, by the head's own forward on row views of its weights (one
+    pass over the head's weights: fast). Otherwise (DoRA, other tuners, ``modules_to_save`` copies) a few
+    positions at a time over the whole vocabulary.
 
     Args:
         model: any transformers model or ``PeftModel``; its modes are restored after each use.
@@ -166,48 +254,100 @@ class ProbeRun:
         finally:
             if handle is not None:
                 handle.remove()
+        self.row_sliceable = self.head is not None and (_plain_linear(self.head) or _vanilla_lora_linear(self.head))
+        self.post_head = post_head(model) if self.head is not None else None
+
+    @property
+    def positions(self) -> int:
+        """Flattened (batch·seq) probe positions."""
+        return self.hidden.shape[0] if self.logits is None else self.logits.shape[0]
 
     @property
     def vocab(self) -> int:
-        """Width of the logits (from one position's head output, computed once)."""
+        """Width of the logits (for a head without a plain weight: from one position's output, computed once)."""
         if self.logits is not None:
             return self.logits.shape[-1]
+        if self.row_sliceable:
+            return self.head.out_features
         if not hasattr(self, "_vocab"):
-            self._vocab = next(self.chunks(1)).shape[-1]
+            self._vocab = self.block(slice(0, 1), None).shape[-1]
         return self._vocab
+
+    def block(self, positions: slice, vocab: slice | None) -> torch.Tensor:
+        """Float32 logits of ``positions`` (flattened) × ``vocab`` (``None``: all), a new tensor or a view.
+
+        Raises:
+            ValueError: a vocabulary slice was asked of a head that cannot be row-sliced (``row_sliceable``).
+        """
+        if self.logits is not None:
+            return self.logits[positions] if vocab is None else self.logits[positions, vocab]
+        head = self.head
+        if vocab is not None:
+            if not self.row_sliceable:
+                raise ValueError(f"{type(head).__name__} head cannot compute a slice of the vocabulary")
+            head = _row_sliced_head(head, vocab)
+        # No context is held across calls: a consumer may stop early (grad mode must not stay off).
+        with torch.no_grad(), eval_mode(self.head):
+            out = head(self.hidden[positions].unsqueeze(0))[0].float().cpu()
+            return out if self.post_head is None else self.post_head(out)
+
+    def _blocks(self, other: ProbeRun | None = None):
+        """(positions, vocab) slices covering every logit once, shared by ``self`` and ``other``."""
+        n, v = self.positions, self.vocab
+        elems = block_elems(v, self.hidden.shape[-1] if self.hidden is not None else 1 << 12)
+        if self.row_sliceable and (other is None or other.row_sliceable):
+            cols = max(1, elems // n)
+            return [(slice(0, n), slice(j, min(v, j + cols))) for j in range(0, v, cols)]
+        rows = max(1, elems // v)
+        return [(slice(i, i + rows), None) for i in range(0, n, rows)]
 
     def chunks(self, rows: int | None = None):
         """Yield the float32 logits in order, ``rows`` flattened (batch·seq) positions at a time (default: as many
         as fit in :data:`LOGIT_CHUNK_ELEMS`), each (rows × vocab)."""
-        n = self.hidden.shape[0] if self.logits is None else self.logits.shape[0]
+        n = self.positions
         rows = rows or max(1, LOGIT_CHUNK_ELEMS // self.vocab)
-        if self.logits is not None:
-            yield from (self.logits[i: i + rows] for i in range(0, n, rows))
-            return
         for i in range(0, n, rows):
-            # No context is held across a yield: a consumer may stop early (grad mode must not stay off).
-            with torch.no_grad(), eval_mode(self.head):
-                out = self.head(self.hidden[i: i + rows].unsqueeze(0))[0].float().cpu()
-            yield out
+            yield self.block(slice(i, i + rows), None)
 
-    def max_abs(self) -> float:
-        """max |logit| over the probe (``inf`` if any logit is not finite)."""
-        return max((float(torch.nan_to_num(c.abs(), nan=float("inf")).max()) for c in self.chunks()), default=0.0)
-
-    def max_abs_diff(self, other: ProbeRun) -> float:
-        """max |logits(self) − logits(other)| over every logit of the probe, computed chunk by chunk.
+    def compare(self, reference: ProbeRun) -> tuple[float, float]:
+        """``(max |logits(self) − logits(reference)|, max |logits(reference)|)`` over every logit of the probe, in
+        one pass over both heads (block by block; ``inf`` for a non-finite value).
 
         Raises:
             ValueError: the two runs were made on probes or vocabularies of different shapes.
         """
-        if self.shape != other.shape or self.vocab != other.vocab:
-            raise ValueError(f"probe shape mismatch: {self.shape} × {self.vocab} vs {other.shape} × {other.vocab}")
-        rows = max(1, LOGIT_CHUNK_ELEMS // self.vocab)
-        return max((max_abs_diff(a, b) for a, b in zip(self.chunks(rows), other.chunks(rows))), default=0.0)
+        if self.shape != reference.shape or self.vocab != reference.vocab:
+            raise ValueError(f"probe shape mismatch: {self.shape} × {self.vocab} vs "
+                             f"{reference.shape} × {reference.vocab}")
+        diff = ref = 0.0
+        for positions, vocab in self._blocks(reference):
+            b = reference.block(positions, vocab)
+            ref = max(ref, _max_abs(b))
+            d = self.block(positions, vocab)
+            d = d - b if self.logits is not None else d.sub_(b)  # stored logits are views: not in place
+            diff = max(diff, _max_abs(d))
+        return diff, ref
+
+    def max_abs(self) -> float:
+        """max |logit| over the probe (``inf`` if any logit is not finite)."""
+        return max((_max_abs(self.block(p, v)) for p, v in self._blocks()), default=0.0)
+
+    def max_abs_diff(self, other: ProbeRun) -> float:
+        """max |logits(self) − logits(other)| over every logit of the probe (see :meth:`compare`)."""
+        return self.compare(other)[0]
 
     def full_logits(self) -> torch.Tensor:
         """All logits, (batch, seq, vocab) float32: for callers that need them whole (tests, small models)."""
         return torch.cat(list(self.chunks())).reshape(*self.shape, -1)
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| without a temporary (``inf`` if ``t`` holds NaN/Inf, 0 if empty)."""
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    m = max(-float(lo), float(hi))
+    return m if m == m else float("inf")
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
