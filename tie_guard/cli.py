@@ -121,13 +121,22 @@ def cmd_merge(args) -> int:
             return EXIT_USAGE
     check_destination(out, args.force, flag="--force")  # before the (slow) loading
     if args.stream:  # shard by shard: the model is never in memory (tie_guard.streaming)
-        from .streaming import stream_merge
-
         from .packaged import resolve_model_path
+        from .streaming import STREAM_REPORT_NAME, stream_merge
 
         rep = stream_merge(resolve_model_path(args.base), args.adapter, out, args.tie_policy, overwrite=args.force,
                            progress=not args.quiet, end_to_end_layers=args.check_layers)
-        _out(json.dumps({"output_dir": out, **rep.to_dict()}, indent=2))
+        e2e = rep.end_to_end
+        # The in-memory merge's summary keys, plus what only the stream checks (the full report is on disk).
+        _out(json.dumps({"output_dir": out, "report": os.path.join(out, STREAM_REPORT_NAME), "verified": rep.verified,
+                         "max_abs_logit_diff": e2e.get("max_abs_logit_diff"),
+                         "logit_tolerance": e2e.get("logit_tolerance"),
+                         "untrained_input_embeddings_bit_identical": rep.input_embeddings_bit_identical,
+                         "actions": rep.actions, "warnings": rep.warnings, "shards": rep.shards,
+                         "tensors_merged": len(rep.merged), "tensors_copied": rep.copied,
+                         "max_randomized_check_err_over_tol": max(
+                             (f["max_err_over_tol"] for f in rep.freivalds.values()), default=None),
+                         "end_to_end": e2e}, indent=2))
         return EXIT_OK
     phases = ["load base", "load adapter", "merge", "verify", "save", "reload"]
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
