@@ -10,11 +10,16 @@ Prints a markdown table and writes JSON. Every figure is the median of ``--repea
    divergence metric, and for a naive guard (clone the shared weight at start, ``torch.equal`` each step);
 2. merge wall time and peak extra resident memory (process RSS sampled every 2 ms, in a fresh subprocess per
    variant, after one warm-up forward pass as at the end of training, as a multiple of the head matrix's bytes):
-   PEFT ``merge_and_unload`` vs naive clone-then-merge vs tie_guard (its merge phase alone, and the whole
-   verified merge including its two probe forward passes);
+   PEFT ``merge_and_unload`` (and + ``save_pretrained``) vs naive clone-then-merge vs tie_guard's verified merge
+   on the CLI path (``inplace=True``) and the callback path (adapter model kept), its merge phase alone, and
+   merge + verification + save + reload check; bytes written by each save;
 3. fingerprint throughput vs a plain copy of the same tensor;
 4. tie_guard's share of a short real training job's wall time (SmolLM2, 10 steps, callback defaults);
-5. the check on 1 and on 2 ranks (``accelerate launch``, custom loop, SmolLM2): ms per check and % of a step.
+5. the check on 1 and on 2 ranks (``accelerate launch``, custom loop, SmolLM2): ms per check and % of a step;
+6. vocabulary growth (one decoder layer, hidden 640, vocab 49152 → 262144, batch 1 × 64): the check as % of a
+   step and the verified merge's time and memory against PEFT's.
+
+The streaming merge of a checkpoint larger than memory has its own benchmark: ``scripts/bench_streaming.py``.
 """
 
 from __future__ import annotations
@@ -148,6 +153,10 @@ with torch.no_grad():
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             p.normal_(0, 1e-3)  # a trained-looking, non-zero adapter
+from peft.tuners.tuners_utils import BaseTunerLayer
+# The floor when the adapter model must stay usable (callback path): one new tensor per adapted weight.
+adapted_bytes = sum(m.get_base_layer().weight.numel() * m.get_base_layer().weight.element_size()
+                    for m in pm.modules() if isinstance(m, BaseTunerLayer))
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -180,7 +189,11 @@ else:
     extra = {{k: v for k, v in rep.seconds.items()}}
 dt = time.perf_counter() - t
 stop[0] = True; th.join()
-print(json.dumps({{"seconds": dt, "peak_extra_bytes": peak[0] - start, **extra}}))
+import pathlib, shutil
+written = sum(f.stat().st_size for f in pathlib.Path(out_dir).rglob("*") if f.is_file())
+shutil.rmtree(out_dir)
+print(json.dumps({{"seconds": dt, "peak_extra_bytes": peak[0] - start, "bytes_written": written,
+                  "adapted_bytes": adapted_bytes, **extra}}))
 '''
 
 
@@ -203,6 +216,8 @@ def bench_merge(name: str, repeats: int, smoke: bool, head_bytes: int, variants=
         out[variant] = {
             "seconds": stats([r["seconds"] for r in runs]),
             "peak_extra_x_head": stats([r["peak_extra_bytes"] / head_bytes for r in runs]),
+            "bytes_written": runs[0]["bytes_written"],
+            "adapted_x_head": runs[0]["adapted_bytes"] / head_bytes,
         }
         if variant.startswith("tie_guard"):
             out[variant]["merge_phase_seconds"] = stats([r["merge"] for r in runs])
@@ -402,12 +417,18 @@ def render(r: dict) -> str:
         row("PEFT merge + save_pretrained (s)", "", lambda x: fmt(x["merge"]["peft_save"]["seconds"]))
         row("tie_guard merge + verification + save + reload check ÷ PEFT merge + save", "≤ 1.0 ×",
             lambda x: verified_vs_peft(x, "tie_guard_inplace_save", "peft_save"))
+        row("… bytes written: tie_guard (untied head) ÷ PEFT (tied, damaged)", "",
+            lambda x: f"{x['merge']['tie_guard_inplace_save']['bytes_written'] / x['merge']['peft_save']['bytes_written']:.2f} ×"
+            f" ({x['merge']['tie_guard_inplace_save']['bytes_written'] / 2**20:.0f} MiB vs "
+            f"{x['merge']['peft_save']['bytes_written'] / 2**20:.0f} MiB)")
         row("naive clone-then-merge (s)", "", lambda x: fmt(x["merge"]["naive"]["seconds"]))
         row("peak extra RSS × head bytes: PEFT", "", lambda x: peak(x, "peft", None))
         row("peak extra RSS × head bytes: tie_guard verified merge, CLI path", "≤ 1.1 ×",
             lambda x: peak(x, "tie_guard_inplace"))
         row("peak extra RSS × head bytes: tie_guard verified merge, callback path", "≤ 1.1 ×",
             lambda x: peak(x, "tie_guard"))
+        row("… bytes of the new tensors the callback path makes (adapter kept: one per adapted weight) × head bytes", "",
+            lambda x: f"{x['merge']['tie_guard']['adapted_x_head']:.2f}")
         row("peak extra RSS × head bytes: naive", "", lambda x: peak(x, "naive", None))
         row("fingerprint GB/s (vs copy GB/s)", "≥ 0.5 × copy", lambda x: f"{fmt(x['fingerprint']['fingerprint_GBps'])} "
             f"({fmt(x['fingerprint']['copy_GBps'])}) = {x['fingerprint']['ratio']['median']:.2f} ×")
