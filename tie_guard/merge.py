@@ -504,9 +504,12 @@ def safe_merge_and_unload(
           exactly once); the logit difference this causes is reported, not treated as a failure.
         * ``"error"``: raise :class:`TiedMergeError` if any adapter part touches a physically tied group.
 
-    Verification (always): logits of merged vs adapter model on a probe batch (default 2 × 32 random token ids)
-    within :func:`tie_guard.probe.logit_tolerance` for the model's dtype (``"untie"``/``"error"`` only), and every
-    input embedding not trained by the adapter bit-identical to its pre-merge value. With ``output_dir``: the model
+    Verification (always): every logit of merged vs adapter model on a probe batch (default 2 × 32 random token
+    ids) within :func:`tie_guard.probe.logit_tolerance` for the model's dtype (``"untie"``/``"error"`` only), and
+    every input embedding not trained by the adapter bit-identical to its pre-merge value. The logits are never
+    held whole: each model's forward stops at its output embedding and the logits are produced block by block
+    from that input by each model's own head (and soft-capping/logit scale), see :class:`tie_guard.probe.ProbeRun`;
+    peak extra memory of the verification is a few % of the head's bytes. With ``output_dir``: the model
     (safetensors), ``tokenizer`` and report are written to a temporary sibling, reloaded with ``from_pretrained``
     and checked again (logits vs merged, embeddings, ties), then renamed into place.
 
@@ -524,7 +527,7 @@ def safe_merge_and_unload(
         progress: optional callable receiving each phase name as it starts (``"merge"``, ``"verify"``,
             ``"save"``, ``"reload"``), e.g. to drive a progress bar.
         inplace: merge LoRA layers whose weights are *not* tied in place with PEFT's own merge (no copy; peak
-            extra memory ≈ one copy of each tied head). The adapter model is consumed, as with PEFT's
+            extra memory ≈ one copy of each tied head; the adapter's tensors are checked for NaN/Inf first). The adapter model is consumed, as with PEFT's
             ``merge_and_unload()``: do not use it afterwards. Tied weights are never written in place.
         original_base: the unmodified pretrained model (or ``{canonical name: tensor}`` of its input embeddings).
             Only used when a LoRA init (PiSSA, OLoRA, KaSA, ...) rewrote a tied matrix in ``get_peft_model``: the
