@@ -143,3 +143,20 @@ def test_inplace_merge_refuses_a_broken_adapter_before_writing_its_layer():
     with pytest.raises(MergeVerificationError, match=r"layers\.1\.self_attn\.q_proj.*lora_B\.default\.weight.*NaN"):
         safe_merge_and_unload(pm, inplace=True)
     assert torch.equal(layer.base_layer.weight, before)
+
+
+def test_heads_with_accelerate_hooks_are_not_sliced(block):
+    """accelerate's add_hook_to_module (device_map dispatch) puts an instance-level forward on the module that runs
+    the original's full weights: such heads are computed whole per position block, and still compare exactly."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    pm = _adapter()
+    probe = make_probe_ids(VOCAB, 2, 9)
+    merged = safe_merge_and_unload(pm, probe_input_ids=probe)[0]
+    add_hook_to_module(merged.lm_head, ModelHook())
+    add_hook_to_module(pm.get_base_model().lm_head, ModelHook())
+    ref, run = ProbeRun(pm, probe), ProbeRun(merged, probe)
+    assert not ref.row_sliceable and not run.row_sliceable
+    want_diff, want_max = _whole(merged, pm, probe)
+    diff, mx = run.compare(ref)
+    assert abs(diff - want_diff) <= SLICE_ROUNDING and abs(mx - want_max) <= SLICE_ROUNDING * max(1.0, want_max)

@@ -131,7 +131,11 @@ def block_elems(vocab: int, hidden: int) -> int:
 
 
 def _plain_linear(m: nn.Module | None) -> bool:
-    return m is not None and isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+    """``m`` computes ``nn.Linear``'s own forward: no subclass override and no instance-level ``forward`` (as
+    accelerate's ``add_hook_to_module`` installs for ``device_map`` dispatch: it would run the original module's
+    full weights, not a row-sliced copy's)."""
+    return (m is not None and isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+            and "forward" not in vars(m) and not hasattr(m, "_hf_hook"))
 
 
 def _row_sliced_linear(lin: nn.Linear, rows: slice) -> nn.Linear:
@@ -153,7 +157,8 @@ def _vanilla_lora_linear(m: nn.Module) -> bool:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover - peft is a core dependency
         return False
-    if type(m) is not LoraLinear or m.merged or m.disable_adapters or not _plain_linear(m.base_layer):
+    if (type(m) is not LoraLinear or "forward" in vars(m) or hasattr(m, "_hf_hook") or m.merged
+            or m.disable_adapters or not _plain_linear(m.base_layer)):
         return False
     active = [a for a in m.active_adapters if a in m.lora_A]
     return all(a not in getattr(m, "lora_variant", {}) and not getattr(m, "use_dora", {}).get(a, False)
