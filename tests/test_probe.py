@@ -160,3 +160,86 @@ def test_heads_with_accelerate_hooks_are_not_sliced(block):
     want_diff, want_max = _whole(merged, pm, probe)
     diff, mx = run.compare(ref)
     assert abs(diff - want_diff) <= SLICE_ROUNDING and abs(mx - want_max) <= SLICE_ROUNDING * max(1.0, want_max)
+
+
+# ------------------------------------------------------------------------------------------------ what follows the head
+# Found by a review of the block design: a post-head step read from a config attribute by name was applied where
+# the model applies something else, or nothing. ProbeRun now keeps a candidate only if it reproduces the logits the
+# model's own forward returned, and otherwise holds the model's whole logits.
+def _post_head_models():
+    import transformers as T
+
+    V, H = VOCAB, 32
+    common = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2)
+    builds = {
+        # soft-capping under another config name than Gemma's
+        "recurrent_gemma": lambda: T.RecurrentGemmaForCausalLM(T.RecurrentGemmaConfig(
+            vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, lru_width=H, attention_window_size=16, logits_soft_cap=2.0,
+            block_types=["recurrent", "attention"])),
+        # logit_scale in the config, never applied by MptForCausalLM (and a documented string value)
+        "mpt_float_scale": lambda: T.MptForCausalLM(T.MptConfig(d_model=H, n_heads=4, n_layers=1, vocab_size=V,
+                                                                logit_scale=0.25)),
+        "mpt_string_scale": lambda: T.MptForCausalLM(T.MptConfig(d_model=H, n_heads=4, n_layers=1, vocab_size=V,
+                                                                 logit_scale="inv_sqrt_d_model")),
+        # a vocabulary-wide bias added after the head: the forward needs the whole vocabulary
+        "bart_final_logits_bias": lambda: _with_bias(T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=V, d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64))),
+        # get_output_embeddings() is the decoder's INPUT embedding; the real head is another module
+        "fsmt": lambda: T.FSMTForConditionalGeneration(T.FSMTConfig(
+            langs=["en", "de"], src_vocab_size=V, tgt_vocab_size=V, d_model=H, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            tie_word_embeddings=True)),
+    }
+    if hasattr(T, "HyperCLOVAXForCausalLM"):  # transformers 5.x only: MULTIPLIES by logits_scaling
+        builds["hyperclovax"] = lambda: T.HyperCLOVAXForCausalLM(T.HyperCLOVAXConfig(
+            **common, logits_scaling=0.125, tie_word_embeddings=True))
+    if hasattr(T, "MiniCPM3ForCausalLM"):  # 5.x only: divides the hidden state by logits_scaling BEFORE the head
+        builds["minicpm3"] = lambda: T.MiniCPM3ForCausalLM(T.MiniCPM3Config(
+            **{**common, "num_key_value_heads": 4}, dim_model_base=8, q_lora_rank=16, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
+    return builds
+
+
+def _with_bias(model):
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0, 5.0)
+    return model
+
+
+POST_HEAD = _post_head_models()
+
+
+@pytest.mark.parametrize("name", sorted(POST_HEAD))
+def test_what_follows_the_head_is_checked_against_the_models_own_logits(name):
+    import copy
+
+    torch.manual_seed(0)
+    base = POST_HEAD[name]().eval()
+    targets = ["q_proj", "v_proj", "fc1"] if name == "fsmt" else ["lm_head"]
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    other = copy.deepcopy(pm).merge_and_unload()  # PEFT's merge: for a tied head, a different function
+    probe = make_probe_ids(VOCAB, 2, 9)
+    want_diff, want_max = _whole(other, pm, probe)
+    diff, mx = ProbeRun(other, probe).compare(ProbeRun(pm, probe))
+    assert abs(diff - want_diff) <= SLICE_ROUNDING * max(1.0, want_diff)
+    assert abs(mx - want_max) <= SLICE_ROUNDING * max(1.0, want_max)
+    if name in ("fsmt", "bart_final_logits_bias"):
+        assert ProbeRun(pm, probe).logits is not None  # held whole: the head's outputs alone are not the logits
+
+
+def test_a_pre_hook_on_the_head_runs_once():
+    pm = _adapter("llama_tied")
+    probe = make_probe_ids(VOCAB, 2, 9)
+    merged = safe_merge_and_unload(pm, probe_input_ids=probe)[0]
+    for m in (merged.lm_head, pm.get_base_model().lm_head):
+        m.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    want_diff, want_max = _whole(merged, pm, probe)
+    diff, mx = ProbeRun(merged, probe).compare(ProbeRun(pm, probe))
+    assert abs(diff - want_diff) <= SLICE_ROUNDING and abs(mx - want_max) <= SLICE_ROUNDING * max(1.0, want_max)

@@ -116,10 +116,6 @@ def probe_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out.logits.detach().float().cpu()
 
 
-class _StopAtHead(Exception):
-    """Raised by the pre-hook on the output embedding once its input is captured: the forward stops there."""
-
-
 #: Most elements of logits produced at once by :class:`ProbeRun` (4 MiB of float32).
 LOGIT_CHUNK_ELEMS = 1 << 20
 
@@ -138,8 +134,9 @@ def _plain_linear(m: nn.Module | None) -> bool:
             and "forward" not in vars(m) and not hasattr(m, "_hf_hook"))
 
 
-def _row_sliced_linear(lin: nn.Linear, rows: slice) -> nn.Linear:
-    """``lin`` computing only output features ``rows``: a shallow copy whose weight and bias are views."""
+def _row_sliced_linear(lin: nn.Linear, rows: slice | list[int]) -> nn.Linear:
+    """``lin`` computing only output features ``rows``: a shallow copy whose weight and bias are views (copies
+    of those rows for a list)."""
     new = shallow_module_copy(lin)
     new._parameters["weight"] = lin.weight[rows]
     if lin.bias is not None:
@@ -165,9 +162,10 @@ def _vanilla_lora_linear(m: nn.Module) -> bool:
                and _plain_linear(m.lora_B[a]) for a in active)
 
 
-def _row_sliced_head(head: nn.Module, rows: slice) -> nn.Module:
-    """A module computing output features ``rows`` of ``head`` with ``head``'s own forward (no tensor copied)."""
-    if _plain_linear(head):
+def _row_sliced_head(head: nn.Module, rows: slice | list[int], plain: bool) -> nn.Module:
+    """A module computing output features ``rows`` of ``head`` (``plain``: an ``nn.Linear``, else PEFT's
+    ``lora.Linear``) with ``head``'s own forward (no tensor copied for a slice)."""
+    if plain:
         return _row_sliced_linear(head, rows)
     new = shallow_module_copy(head)
     new._modules["base_layer"] = _row_sliced_linear(head.base_layer, rows)
@@ -179,35 +177,70 @@ def _row_sliced_head(head: nn.Module, rows: slice) -> nn.Module:
     return new
 
 
-def post_head(model: nn.Module):
-    """What ``model``'s forward does to its head's output before returning logits, as a function on float32
-    blocks, or ``None``: final-logit soft-capping ``c·tanh(h/c)`` (config ``final_logit_softcapping``: Gemma 2,
-    Gemma 3, ...), Cohere's ``logit_scale`` (multiplied) and Granite's ``logits_scaling`` (divided), read from the
-    (text) config as transformers 4.56–5.x's modeling code applies them. Other additive terms after a head
-    (BART's ``final_logits_bias``) are the same buffer in the models compared and cancel in a difference."""
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def post_head_candidates(model: nn.Module) -> list:
+    """Candidate functions for what ``model``'s forward does to its head's output before returning logits (each on
+    a tensor in the head's dtype, in place), most specific first, ending with ``None`` (nothing). Built from numeric (text)
+    config values: soft-capping ``c·tanh(h/c)`` (``final_logit_softcapping``: Gemma 2/3; ``logits_soft_cap``:
+    RecurrentGemma; ``output_logit_soft_cap``: xLSTM), scales (``logit_scale``: Cohere; ``lm_head_multiplier``:
+    Falcon-H1; ``output_multiplier``) and ``logits_scaling`` (Granite divides, HyperCLOVAX multiplies).
+
+    These are only candidates: :class:`ProbeRun` keeps one only after checking it against the logits the model's
+    own forward returned (a model may carry such a value and not apply it, or apply it before its head)."""
     config = getattr(base_model_of(model), "config", None)
     if config is None:
-        return None
+        return [None]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
 
-    def read(name):
-        value = getattr(text, name, None)
-        return getattr(config, name, None) if value is None else value
-
-    cap, scale, divide = read("final_logit_softcapping"), read("logit_scale"), read("logits_scaling")
-    if cap is None and scale is None and divide is None:
+    def read(*names):
+        for name in names:
+            for cfg in (text, config):
+                value = _number(getattr(cfg, name, None))
+                if value is not None:
+                    return value
         return None
 
-    def apply(h: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            h = h.mul_(scale)
-        if divide is not None:
-            h = h.div_(divide)
-        if cap is not None:
-            h = h.div_(cap).tanh_().mul_(cap)
-        return h
+    cap = read("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+    mul = 1.0
+    for name in ("logit_scale", "lm_head_multiplier", "output_multiplier"):
+        mul *= read(name) or 1.0
+    div = read("logits_scaling")
 
-    return apply
+    def make(scale: float):
+        def apply(h: torch.Tensor) -> torch.Tensor:
+            if scale != 1.0:
+                h = h.mul_(scale)
+            if cap is not None:
+                h = h.div_(cap).tanh_().mul_(cap)
+            return h
+        return apply
+
+    scales = [mul / div, mul * div] if div else [mul]
+    out = [make(sc) for sc in scales if sc != 1.0 or cap is not None]
+    return out + [None]
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """No forward (pre-)hook, and no instance-level ``forward`` (accelerate's ``add_hook_to_module`` for
+    ``device_map`` dispatch), on ``module`` or any submodule, and no global module hook: the head's output is
+    its class's forward alone, so it may be computed again (and on row slices) outside the model's forward."""
+    from torch.nn.modules import module as torch_module
+
+    if any(getattr(torch_module, name, None) for name in
+           ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) or hasattr(m, "_hf_hook")
+                   for m in module.modules())
+
+
+def _in_features(head: nn.Module) -> int | None:
+    w = getattr(head, "weight", None)
+    if w is None and hasattr(head, "get_base_layer"):
+        w = getattr(head.get_base_layer(), "weight", None)
+    return w.shape[-1] if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
 class ProbeRun:
@@ -215,14 +248,20 @@ class ProbeRun:
     (batch·seq) × hidden) and the head module itself, so that logits ((batch·seq) × vocab) are produced a block
     at a time (:func:`block_elems` elements per block: a few % of the head's bytes) and never held whole.
 
-    The model's class ``forward`` runs in eval mode without gradients up to its output-embedding module
-    (``get_output_embeddings()``, PEFT wrapper included), whose input is captured by a forward pre-hook that then
-    stops the forward. Logits are the head module's own output on that input (for a LoRA head the adapter model's
-    PEFT forward, for the merged model its plain ``nn.Linear``) followed by what the model's forward does after
-    its head (:func:`post_head`: Gemma's final-logit soft-capping, Cohere's and Granite's logit scales), so the
-    blocks are the logits the model returns; everything before the head (every decoder layer, embedding
-    scaling, T5's output rescale) is in ``hidden``. When the forward never calls that module (a model computing
-    logits from a weight directly), the full logits are kept instead (``logits``).
+    How: the model's class ``forward`` runs once, in eval mode without gradients, with its output-embedding module
+    (``get_output_embeddings()``, PEFT wrapper included) computing only six vocabulary columns; the head's input
+    is kept. Of :func:`post_head_candidates` (soft-capping, logit scales read from the config, or nothing), the
+    first that turns those columns into exactly the logits the forward returned (4 ulps) is kept as
+    ``post_head``. A block of logits is then the head module's own output on ``hidden`` (for a LoRA head the
+    adapter model's PEFT forward, for the merged model its plain ``nn.Linear``) followed by ``post_head``: the
+    logits the model returns; everything before the head (decoder layers, embedding scaling, T5's rescale, a
+    hidden-state scaling) is in ``hidden``.
+
+    The model's whole logits are held instead (``logits``; the memory of one (batch, seq, vocab) float32 tensor)
+    when that cannot be established: no output-embedding module, a head with hooks (torch hooks or an
+    instance-level ``forward`` such as accelerate's dispatch hooks), a head called twice or on something other
+    than hidden states (FSMT's ``get_output_embeddings()`` is its decoder's input embedding), a forward that fails
+    with a narrowed head (BART's vocabulary-wide ``final_logits_bias``) or logits no candidate reproduces.
 
     Blocks: when both runs compared have a head whose output feature ``j`` depends only on row ``j`` of its
     weights (a plain ``nn.Linear``, or PEFT's ``lora.Linear`` with plain LoRA adapters), every probe position is
@@ -240,27 +279,80 @@ class ProbeRun:
         self.shape = tuple(input_ids.shape)
         self.hidden: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        captured = {}
+        self.post_head = None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = head if head is not None and _no_hooks(head) else None
+        self._plain = _plain_linear(self.head)
+        self.row_sliceable = self.head is not None and (self._plain or _vanilla_lora_linear(self.head))
+        if self.head is not None and self._run_with_narrow_head(model, input_ids):
+            return
+        # Not understood (no head module, hooks, a head called twice or on non-hidden input, a post-head step that
+        # no candidate reproduces): the model's own full logits, held whole.
+        self.head, self.hidden, self.post_head, self.row_sliceable = None, None, None, False
+        with torch.no_grad(), eval_mode(model):
+            out = type(model).forward(model, **_forward_kwargs(model, input_ids))
+        self.logits = out.logits.detach().float().cpu().reshape(-1, out.logits.shape[-1])
 
-        def hook(module, args, kwargs):
-            captured["x"] = (args[0] if args else next(iter(kwargs.values()))).detach()
-            raise _StopAtHead
+    def _run_with_narrow_head(self, model: nn.Module, input_ids: torch.Tensor) -> bool:
+        """Run the model's forward with its head computing only a few vocabulary columns (so no full logits
+        exist), keep the head's input as ``hidden``, and choose ``post_head`` among
+        :func:`post_head_candidates` as the one that turns those columns into exactly the logits the forward
+        returned. False when that cannot be established."""
+        head = self.head
+        state: dict = {}
+        original = type(head).forward
 
-        handle = self.head.register_forward_pre_hook(hook, with_kwargs=True) if self.head is not None else None
+        def narrow(x, *args, **kwargs):
+            width = _in_features(head)
+            if ("x" in state or args or kwargs or not isinstance(x, torch.Tensor) or not x.is_floating_point()
+                    or (width is not None and x.shape[-1] != width)):
+                state["odd"] = True  # called twice, with more arguments, or on something other than hidden states
+                return original(head, x, *args, **kwargs)
+            state["x"] = x.detach()
+            flat = state["x"].reshape(-1, x.shape[-1])
+            vocab = self._head_width(flat)
+            cols = sorted({0, 1, vocab // 3, vocab // 2, vocab - 2, vocab - 1} & set(range(vocab)))
+            y = self._columns(flat, cols)
+            state["vocab"], state["y"] = vocab, y.clone()  # the model may edit what it gets in place
+            return y.reshape(*x.shape[:-1], len(cols))
+
+        head.forward = narrow
         try:
             with torch.no_grad(), eval_mode(model):
                 out = type(model).forward(model, **_forward_kwargs(model, input_ids))
-            self.logits = out.logits.detach().float().cpu().reshape(-1, out.logits.shape[-1])
-            self.head = None
-        except _StopAtHead:
-            x = captured["x"]
-            self.hidden = x.reshape(-1, x.shape[-1])
+            logits = out.logits
+        except Exception:  # a step after the head needs the whole vocabulary (e.g. BART's final_logits_bias)
+            return False
         finally:
-            if handle is not None:
-                handle.remove()
-        self.row_sliceable = self.head is not None and (_plain_linear(self.head) or _vanilla_lora_linear(self.head))
-        self.post_head = post_head(model) if self.head is not None else None
+            del head.forward
+        if "y" not in state or state.get("odd") or logits.numel() != state["y"].numel():
+            return False
+        got = logits.detach().float().cpu().reshape(state["y"].shape)
+        eps = max(torch.finfo(state["y"].dtype).eps, torch.finfo(logits.dtype).eps)
+        for candidate in post_head_candidates(model):
+            want = state["y"].clone()  # in the head's dtype, as the model's own forward computes it
+            want = (want if candidate is None else candidate(want)).float().cpu()
+            if bool(((got - want).abs() <= 4 * eps * got.abs().clamp_min(1.0)).all()):
+                self.post_head, self._vocab = candidate, state["vocab"]
+                self.hidden = state["x"].reshape(-1, state["x"].shape[-1])
+                return True
+        return False
+
+    def _head_width(self, flat: torch.Tensor) -> int:
+        if self.row_sliceable:
+            return self.head.out_features if self._plain else self.head.base_layer.out_features
+        with torch.no_grad():
+            return type(self.head).forward(self.head, flat[:1].unsqueeze(0)).shape[-1]
+
+    def _columns(self, x: torch.Tensor, cols: list[int]) -> torch.Tensor:
+        """Head output columns ``cols`` for the (n × hidden) input ``x``, in the head's output dtype."""
+        with torch.no_grad():
+            if self.row_sliceable:
+                h = _row_sliced_head(self.head, cols, self._plain)
+                return type(h).forward(h, x.unsqueeze(0))[0]
+            rows = max(1, block_elems(self._head_width(x), x.shape[-1]) // self._head_width(x))
+            return torch.cat([type(self.head).forward(self.head, x[i: i + rows].unsqueeze(0))[0][..., cols]
+                              for i in range(0, x.shape[0], rows)])
 
     @property
     def positions(self) -> int:
@@ -272,10 +364,6 @@ class ProbeRun:
         """Width of the logits (for a head without a plain weight: from one position's output, computed once)."""
         if self.logits is not None:
             return self.logits.shape[-1]
-        if self.row_sliceable:
-            return self.head.out_features
-        if not hasattr(self, "_vocab"):
-            self._vocab = self.block(slice(0, 1), None).shape[-1]
         return self._vocab
 
     def block(self, positions: slice, vocab: slice | None) -> torch.Tensor:
@@ -290,11 +378,11 @@ class ProbeRun:
         if vocab is not None:
             if not self.row_sliceable:
                 raise ValueError(f"{type(head).__name__} head cannot compute a slice of the vocabulary")
-            head = _row_sliced_head(head, vocab)
+            head = _row_sliced_head(head, vocab, self._plain)
         # No context is held across calls: a consumer may stop early (grad mode must not stay off).
         with torch.no_grad(), eval_mode(self.head):
-            out = head(self.hidden[positions].unsqueeze(0))[0].float().cpu()
-            return out if self.post_head is None else self.post_head(out)
+            out = head(self.hidden[positions].unsqueeze(0))[0]
+            return (out if self.post_head is None else self.post_head(out)).float().cpu()
 
     def _blocks(self, other: ProbeRun | None = None):
         """(positions, vocab) slices covering every logit once, shared by ``self`` and ``other``."""
