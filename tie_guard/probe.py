@@ -312,7 +312,7 @@ class ProbeRun:
             flat = state["x"].reshape(-1, x.shape[-1])
             vocab = self._head_width(flat)
             cols = sorted({0, 1, vocab // 3, vocab // 2, vocab - 2, vocab - 1} & set(range(vocab)))
-            y = self._columns(flat, cols)
+            y = self._columns(flat, cols, vocab)
             state["vocab"], state["y"] = vocab, y.clone()  # the model may edit what it gets in place
             return y.reshape(*x.shape[:-1], len(cols))
 
@@ -344,13 +344,14 @@ class ProbeRun:
         with torch.no_grad():
             return type(self.head).forward(self.head, flat[:1].unsqueeze(0)).shape[-1]
 
-    def _columns(self, x: torch.Tensor, cols: list[int]) -> torch.Tensor:
-        """Head output columns ``cols`` for the (n × hidden) input ``x``, in the head's output dtype."""
+    def _columns(self, x: torch.Tensor, cols: list[int], vocab: int) -> torch.Tensor:
+        """Head output columns ``cols`` (of ``vocab``) for the (n × hidden) input ``x``, in the head's output
+        dtype: from a row-sliced copy of the head, or from its whole output a few positions at a time."""
         with torch.no_grad():
             if self.row_sliceable:
                 h = _row_sliced_head(self.head, cols, self._plain)
                 return type(h).forward(h, x.unsqueeze(0))[0]
-            rows = max(1, block_elems(self._head_width(x), x.shape[-1]) // self._head_width(x))
+            rows = max(1, block_elems(vocab, x.shape[-1]) // vocab)
             return torch.cat([type(self.head).forward(self.head, x[i: i + rows].unsqueeze(0))[0][..., cols]
                               for i in range(0, x.shape[0], rows)])
 
@@ -361,7 +362,7 @@ class ProbeRun:
 
     @property
     def vocab(self) -> int:
-        """Width of the logits (for a head without a plain weight: from one position's output, computed once)."""
+        """Width of the logits (the head's output width, read once while the model's forward ran)."""
         if self.logits is not None:
             return self.logits.shape[-1]
         return self._vocab
