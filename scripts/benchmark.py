@@ -184,9 +184,15 @@ elif variant == "naive":
     head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)
     merged = pm.merge_and_unload()
 else:
-    merged, rep = safe_merge_and_unload(pm, inplace=variant.startswith("tie_guard_inplace"),
-                                        output_dir=out_dir + "/m" if variant.endswith("_save") else None)
-    extra = {{k: v for k, v in rep.seconds.items()}}
+    from tie_guard import MergeVerificationError
+    try:
+        merged, rep = safe_merge_and_unload(pm, inplace=variant.startswith("tie_guard_inplace"),
+                                            output_dir=out_dir + "/m" if variant.endswith("_save") else None)
+    except MergeVerificationError as exc:  # recorded, not hidden: the table counts these runs
+        rep = exc.report
+        extra["verification_failed"] = 1
+    extra.update({{k: v for k, v in rep.seconds.items()}})
+    extra["max_abs_logit_diff_over_tolerance"] = rep.max_abs_logit_diff / rep.logit_tolerance
 dt = time.perf_counter() - t
 stop[0] = True; th.join()
 import pathlib, shutil
@@ -221,6 +227,8 @@ def bench_merge(name: str, repeats: int, smoke: bool, head_bytes: int, variants=
         }
         if variant.startswith("tie_guard"):
             out[variant]["merge_phase_seconds"] = stats([r["merge"] for r in runs])
+            out[variant]["diff_over_tolerance"] = stats([r["max_abs_logit_diff_over_tolerance"] for r in runs])
+            out[variant]["verification_failed"] = sum(r.get("verification_failed", 0) for r in runs)
     return out
 
 
@@ -421,6 +429,9 @@ def render(r: dict) -> str:
             lambda x: f"{x['merge']['tie_guard_inplace_save']['bytes_written'] / x['merge']['peft_save']['bytes_written']:.2f} ×"
             f" ({x['merge']['tie_guard_inplace_save']['bytes_written'] / 2**20:.0f} MiB vs "
             f"{x['merge']['peft_save']['bytes_written'] / 2**20:.0f} MiB)")
+        row("verification: max |Δlogit| ÷ tolerance, CLI / callback path (runs failed)", "< 1",
+            lambda x: " / ".join(f"{fmt(x['merge'][v]['diff_over_tolerance'])} ({x['merge'][v]['verification_failed']})"
+                                 for v in ("tie_guard_inplace", "tie_guard")))
         row("naive clone-then-merge (s)", "", lambda x: fmt(x["merge"]["naive"]["seconds"]))
         row("peak extra RSS × head bytes: PEFT", "", lambda x: peak(x, "peft", None))
         row("peak extra RSS × head bytes: tie_guard verified merge, CLI path", "≤ 1.1 ×",
