@@ -214,7 +214,10 @@ def _adapter_model(shell: nn.Module, adapter_dir: Path, base_names: set[str]):
     if getattr(peft_config, "is_prompt_learning", False) or str(peft_config.peft_type).upper().split(".")[-1] not in (
             "LORA", "ADALORA", "TRAINABLE_TOKENS"):
         _refuse(f"the adapter's tuner is {peft_config.peft_type}")
-    model = PeftModel(shell, peft_config)
+    from .quiet import known_warnings_silenced
+
+    with known_warnings_silenced():  # PEFT's generic tied-adapter warning: tie_guard reports the tie itself
+        model = PeftModel(shell, peft_config)
     state, skipped = {}, []
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
